@@ -1,0 +1,34 @@
+//! Timeout happy path (the deadline never fires), beside tower's `Timeout` and no middleware.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{bench_service, ready_inner, runtime};
+use criterion::{Criterion, criterion_group, criterion_main};
+use tower::Layer;
+use tower_breakwater::timeout::TimeoutLayer;
+
+fn benches(c: &mut Criterion) {
+    let rt = runtime();
+    bench_service(c, "baseline/service_fn", &rt, ready_inner(), 1);
+    let ours = TimeoutLayer::new(Duration::from_secs(1)).unwrap();
+    bench_service(c, "timeout/breakwater", &rt, ours.layer(ready_inner()), 1);
+    let durations = TimeoutLayer::builder()
+        .timeout(Duration::from_secs(1))
+        .record_durations(true)
+        .build()
+        .unwrap();
+    bench_service(
+        c,
+        "timeout/breakwater+durations",
+        &rt,
+        durations.layer(ready_inner()),
+        1,
+    );
+    let theirs = tower::timeout::TimeoutLayer::new(Duration::from_secs(1));
+    bench_service(c, "timeout/tower", &rt, theirs.layer(ready_inner()), 1);
+}
+
+criterion_group!(group, benches);
+criterion_main!(group);

@@ -1,0 +1,80 @@
+//! **tower-breakwater**: resilience layers for [`tower`] services, so that one slow or failing
+//! dependency cannot take a whole service down.
+//!
+//! Wrap the client of each external dependency (HTTP, gRPC, database) in the layers it needs:
+//!
+//! | layer | stops | module |
+//! |---|---|---|
+//! | timeout | a slow dependency holding callers' resources | [`timeout`] |
+//!
+//! Every layer is a `tower::Layer`, usable in `tower::ServiceBuilder`, and shares the same
+//! foundations:
+//!
+//! - **one error type**: every service has `Error = `[`BoxError`]; errors produced by our layers
+//!   are [`BreakwaterError`], found in one call with [`error::find`]
+//!   (see [`error`]);
+//! - **one classification** of finished calls into success, failure or ignored
+//!   ([`classify`]);
+//! - **one metrics scheme** (`breakwater_*`, a `name` label per instance; see [`metrics`]),
+//!   **one event mechanism** ([`event`]) and **one snapshot shape** ([`snapshot`]);
+//! - **one configuration rule**: builders whose `build()` returns a [`ConfigError`] naming the
+//!   field, never a silent clamp or a panic ([`config`]);
+//! - **one clock**: tokio's, so the paused test clock drives every layer ([`clock`]).
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_breakwater::timeout::TimeoutLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_breakwater::BoxError> {
+//! let client = service_fn(|id: u32| async move { Ok::<_, std::io::Error>(id * 2) });
+//! let svc = ServiceBuilder::new()
+//!     .layer(TimeoutLayer::builder().name("risk-profile").timeout(Duration::from_millis(300)).build()?)
+//!     .service(client);
+//! assert_eq!(svc.oneshot(21).await?, 42);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The admission rule
+//!
+//! Layers *admit* a call (take a bulkhead permit, a half-open probe slot, a rate-limiter
+//! token) when `call` is invoked, in the order calls are made, never in `poll_ready`.
+//! `poll_ready` reserves nothing, so an idle or cloned service holds no capacity (the classic
+//! `ConcurrencyLimit`/`Buffer` trap where a service that was made ready but never called holds
+//! a permit forever). A rejection (open breaker, full bulkhead with no wait, rate limited in
+//! reject mode) is decided in `call` without waiting for the inner service's readiness, and
+//! returned through the response future.
+//!
+//! tower requires `call` to follow a successful `poll_ready` on the same service instance.
+//! A layer whose response future must wait before calling the inner service (a bulkhead
+//! waiter, a wait-mode limiter, the timeout bounding readiness) therefore drives readiness of
+//! a **clone** of the inner service inside the response future. Each layer's docs state its
+//! `Clone` bound and its `poll_ready` policy.
+//!
+//! # Shared state
+//!
+//! A layer value owns its state: every service it produces, and every clone of those, shares
+//! that state. A framework that calls `Layer::layer` per route or per connection still gets
+//! one breaker, one bulkhead, one limiter per layer value. To get independent instances, build
+//! independent layers (and give them different names).
+//!
+//! # Cargo features
+//!
+//! One per layer, all on by default: `timeout`, `circuit-breaker`, `bulkhead`, `rate-limit`,
+//! `coalesce`, `cache`. Optional: `tracing` (emit every event as a `tracing` event too).
+
+pub mod classify;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod metrics;
+pub mod snapshot;
+
+#[cfg(feature = "timeout")]
+pub mod timeout;
+
+pub use config::ConfigError;
+pub use error::{BoxError, BreakwaterError};

@@ -1,0 +1,175 @@
+//! Metrics: every name, unit, description and label set the crate emits, in one place.
+//!
+//! Layers emit through the [`metrics`](https://docs.rs/metrics) facade, so any recorder
+//! (Prometheus, StatsD, OpenTelemetry bridges, an in-memory one in tests) receives them.
+//!
+//! # Naming scheme (the default [`MetricsProfile::Breakwater`])
+//!
+//! Prometheus conventions: every name starts with `breakwater_` and the layer kind
+//! (`breakwater_timeout_…`, `breakwater_circuit_breaker_…`); counters end in `_total`; duration
+//! histograms are in seconds and end in `_seconds`; time accumulated in a counter (which the
+//! facade makes a `u64`) is in whole milliseconds and ends in `_milliseconds_total`. Every series
+//! carries a `name` label with the instance's name (`"default"` unless the builder was given
+//! one), so dashboards tell dependencies apart. Two instances built with the same name and kind
+//! write the same series: their values add up (counters) or overwrite each other (gauges). Give
+//! every instance its own name unless that is what you want.
+//!
+//! The full list is [`names::ALL`]; the README has it as a table.
+//!
+//! # When handles are registered
+//!
+//! A layer registers all of its metric handles once, in its builder's `build()`, with the
+//! recorder that is current at that moment (the global one, or a thread-local one set with
+//! [`metrics::with_local_recorder`]). Calls then update those handles directly: no lookup by
+//! name, no `String` built per call. Consequently **install your recorder before you build
+//! your layers**: a layer built before any recorder was installed holds no-op handles and
+//! emits nothing for its whole life, even after a recorder is installed later. (Rebuild the
+//! layer if you must.) Descriptions (`describe_*`) are sent at the same time.
+//!
+//! # Profiles and durations
+//!
+//! The naming scheme is chosen per layer at build time through its builder's
+//! `metrics_profile(..)`, never per call, so layers with different profiles coexist in one
+//! process. [`MetricsProfile::Off`] registers nothing at all. Duration histograms are opt-in
+//! per layer (`record_durations(true)` on its builder), because they cost a clock read or two
+//! per call that the layer's own semantics may not need; a profile whose names are timers
+//! turns duration recording on for the layers built with it (documented on the profile).
+
+pub mod names;
+
+use std::sync::Arc;
+
+use ::metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Unit};
+
+/// The naming scheme a layer emits its metrics under, chosen at build time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum MetricsProfile {
+    /// The crate's own names (`breakwater_…`), listed in [`names`]. Duration histograms only
+    /// when the layer's `record_durations(true)` is set.
+    #[default]
+    Breakwater,
+    /// Register nothing: every handle is a no-op, whatever recorder is installed.
+    Off,
+}
+
+/// What kind of metric a [`MetricSpec`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MetricKind {
+    /// A monotonically increasing `u64`.
+    Counter,
+    /// A value that goes up and down (`f64`).
+    Gauge,
+    /// A distribution of observed values (`f64`).
+    Histogram,
+}
+
+impl MetricKind {
+    /// `"counter"`, `"gauge"` or `"histogram"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric the crate emits: its name, kind, unit, labels and meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricSpec {
+    /// The full metric name under [`MetricsProfile::Breakwater`].
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: MetricKind,
+    /// The unit of its values.
+    pub unit: Unit,
+    /// The labels it carries besides `name` (which every series has).
+    pub labels: &'static [&'static str],
+    /// What it means, as sent to the recorder's `describe_*`.
+    pub description: &'static str,
+}
+
+static METADATA: Metadata<'static> =
+    Metadata::new("tower_breakwater", Level::INFO, Some("tower_breakwater"));
+
+/// Registers handles for one layer instance, with its name label and profile. Used only at
+/// build time.
+#[derive(Debug, Clone)]
+pub(crate) struct Registrar {
+    name: Arc<str>,
+    profile: MetricsProfile,
+}
+
+#[allow(dead_code)] // each layer uses the kinds it needs
+impl Registrar {
+    pub(crate) fn new(name: Arc<str>, profile: MetricsProfile) -> Self {
+        Registrar { name, profile }
+    }
+
+    /// `false` when the profile registers nothing.
+    pub(crate) fn enabled(&self) -> bool {
+        self.profile != MetricsProfile::Off
+    }
+
+    fn key(&self, spec: &MetricSpec, labels: &[(&'static str, &'static str)]) -> Key {
+        debug_assert_eq!(
+            labels.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            spec.labels,
+            "labels of {} do not match its spec",
+            spec.name
+        );
+        let mut all = Vec::with_capacity(labels.len() + 1);
+        all.push(Label::new("name", self.name.clone()));
+        all.extend(labels.iter().map(|(k, v)| Label::new(*k, *v)));
+        Key::from_parts(spec.name, all)
+    }
+
+    /// A counter for `spec` with the given extra labels (in the order of `spec.labels`).
+    pub(crate) fn counter(
+        &self,
+        spec: &'static MetricSpec,
+        labels: &[(&'static str, &'static str)],
+    ) -> Counter {
+        if !self.enabled() {
+            return Counter::noop();
+        }
+        let key = self.key(spec, labels);
+        ::metrics::with_recorder(|r| {
+            r.describe_counter(spec.name.into(), Some(spec.unit), spec.description.into());
+            r.register_counter(&key, &METADATA)
+        })
+    }
+
+    /// A gauge for `spec` with the given extra labels (in the order of `spec.labels`).
+    pub(crate) fn gauge(
+        &self,
+        spec: &'static MetricSpec,
+        labels: &[(&'static str, &'static str)],
+    ) -> Gauge {
+        if !self.enabled() {
+            return Gauge::noop();
+        }
+        let key = self.key(spec, labels);
+        ::metrics::with_recorder(|r| {
+            r.describe_gauge(spec.name.into(), Some(spec.unit), spec.description.into());
+            r.register_gauge(&key, &METADATA)
+        })
+    }
+
+    /// A histogram for `spec` with the given extra labels (in the order of `spec.labels`).
+    pub(crate) fn histogram(
+        &self,
+        spec: &'static MetricSpec,
+        labels: &[(&'static str, &'static str)],
+    ) -> Histogram {
+        if !self.enabled() {
+            return Histogram::noop();
+        }
+        let key = self.key(spec, labels);
+        ::metrics::with_recorder(|r| {
+            r.describe_histogram(spec.name.into(), Some(spec.unit), spec.description.into());
+            r.register_histogram(&key, &METADATA)
+        })
+    }
+}

@@ -1,0 +1,172 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower::Service;
+
+use super::layer::{Shared, TIMED_OUT, outcome_index};
+use crate::classify::Classify;
+use crate::clock::{self, Instant};
+use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
+use crate::event::EventKind;
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req, F> {
+        // Waiting for the inner clone to be ready; `req` is taken when it is.
+        Ready { svc: S, req: Option<Req> },
+        Called { #[pin] fut: F },
+        Done,
+    }
+}
+
+pin_project! {
+    #[project = TimerProj]
+    enum Timer {
+        // Not armed yet: the inner service has not returned `Pending`.
+        Unarmed,
+        Armed { #[pin] sleep: Sleep },
+        // The deadline does not fit in an `Instant`: no deadline.
+        Never,
+    }
+}
+
+pin_project! {
+    /// The response future of [`Timeout`](super::Timeout).
+    ///
+    /// Resolves to the inner response, the inner error (boxed), or a
+    /// [`BreakwaterError`] of kind [`ErrorKind::Timeout`]. When the deadline passes, the
+    /// inner future (or the inner service clone still waiting for readiness) is dropped before
+    /// this future returns.
+    ///
+    /// # Panics
+    ///
+    /// When polled again after it returned `Ready`.
+    pub struct ResponseFuture<S, Req, C>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req, S::Future>,
+        #[pin]
+        timer: Timer,
+        timeout: Duration,
+        // First poll, when durations are recorded.
+        started: Option<Instant>,
+        shared: Arc<Shared>,
+        classifier: C,
+    }
+}
+
+impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("name", &self.shared.name)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
+    pub(super) fn new(
+        svc: S,
+        req: Req,
+        timeout: Duration,
+        shared: Arc<Shared>,
+        classifier: C,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                svc,
+                req: Some(req),
+            },
+            timer: Timer::Unarmed,
+            timeout,
+            started: None,
+            shared,
+            classifier,
+        }
+    }
+}
+
+impl<S, Req, C> Future for ResponseFuture<S, Req, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if this.started.is_none() && this.shared.records_durations() {
+            *this.started = Some(clock::now());
+        }
+
+        // 1. The inner service first: a result ready together with the deadline wins.
+        let result = loop {
+            match this.state.as_mut().project() {
+                StateProj::Ready { svc, req } => match svc.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        let req = req.take().expect("request present until called");
+                        let fut = svc.call(req);
+                        this.state.set(State::Called { fut });
+                    }
+                    Poll::Ready(Err(e)) => break Some(Err(e.into())),
+                    Poll::Pending => break None,
+                },
+                StateProj::Called { fut } => match fut.poll(cx) {
+                    Poll::Ready(r) => break Some(r.map_err(Into::into)),
+                    Poll::Pending => break None,
+                },
+                StateProj::Done => panic!("Timeout ResponseFuture polled after completion"),
+            }
+        };
+        if let Some(result) = result {
+            this.state.set(State::Done);
+            let outcome = outcome_index(this.classifier.classify(result.as_ref()));
+            let elapsed = this
+                .started
+                .map(|s| clock::now().saturating_duration_since(s));
+            this.shared.record(outcome, elapsed);
+            return Poll::Ready(result);
+        }
+
+        // 2. The inner call is pending: arm the timer on the first such poll.
+        if let TimerProj::Unarmed = this.timer.as_mut().project() {
+            let start = this.started.unwrap_or_else(clock::now);
+            match start.checked_add(*this.timeout) {
+                Some(deadline) => this.timer.set(Timer::Armed {
+                    sleep: tokio::time::sleep_until(deadline),
+                }),
+                None => this.timer.set(Timer::Never),
+            }
+        }
+        if let TimerProj::Armed { sleep } = this.timer.project() {
+            ready!(sleep.poll(cx));
+            // Deadline passed: cancel the inner call now.
+            this.state.set(State::Done);
+            let timeout = *this.timeout;
+            let elapsed = this
+                .started
+                .map(|s| clock::now().saturating_duration_since(s));
+            this.shared.record(TIMED_OUT, elapsed);
+            this.shared
+                .events
+                .emit(|| EventKind::TimedOut { after: timeout });
+            let err = BreakwaterError::new(
+                ErrorKind::Timeout,
+                LayerKind::Timeout,
+                this.shared.name.clone(),
+            )
+            .with_elapsed(timeout);
+            return Poll::Ready(Err(Box::new(err)));
+        }
+        Poll::Pending
+    }
+}

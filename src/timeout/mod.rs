@@ -1,0 +1,82 @@
+//! A per-call deadline that covers waiting for the inner service's readiness *and* the
+//! response.
+//!
+//! A slow dependency is dangerous because it holds the caller's resources (tasks, sockets,
+//! pool slots, bulkhead permits) for as long as it is slow. [`TimeoutLayer`] bounds that time:
+//! when the deadline passes, the inner future is dropped at once (cancelling the call) and
+//! the caller gets a [`BreakwaterError`](crate::error::BreakwaterError) of kind
+//! [`ErrorKind::Timeout`](crate::error::ErrorKind::Timeout) naming the instance and the
+//! deadline that applied.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_breakwater::{error, timeout::TimeoutLayer, BoxError};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! let layer = TimeoutLayer::builder()
+//!     .name("fraud-api")
+//!     .timeout(Duration::from_millis(250))
+//!     .build()?;
+//! let svc = ServiceBuilder::new().layer(layer).service(service_fn(|ms: u64| async move {
+//!     tokio::time::sleep(Duration::from_millis(ms)).await;
+//!     Ok::<_, std::io::Error>(ms)
+//! }));
+//!
+//! assert_eq!(svc.clone().oneshot(10).await?, 10);
+//! let err = svc.oneshot(1_000).await.unwrap_err();
+//! let ours = error::find(err.as_ref()).expect("a timeout, not an inner error");
+//! assert_eq!(ours.name(), "fraud-api");
+//! assert_eq!(ours.elapsed(), Some(Duration::from_millis(250)));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Semantics
+//!
+//! - **The deadline** is the layer's `timeout`, or, with
+//!   [`per_request`](TimeoutBuilder::per_request), a function of the request (falling back to
+//!   the layer's `timeout` where it returns `None`). It starts when the response future is
+//!   first polled and covers everything that future does: waiting for the inner service to be
+//!   ready, then the inner call. A future that is never polled consumes no deadline.
+//! - **Happy path cost.** The clock is read, and the timer armed, only when the inner
+//!   service does not finish on the first poll; a call that completes at once reads no clock
+//!   (unless duration histograms are on) and touches no timer.
+//! - **Ordering.** On each poll the inner service is polled before the timer: a response that
+//!   is ready in the same poll as the deadline wins.
+//! - **Deadlines too large** to add to the current instant are treated as no deadline.
+//!
+//! # Admission and `Clone`
+//!
+//! Following the crate's [admission rule](crate#the-admission-rule), `poll_ready` always
+//! returns `Ready(Ok(()))` and reserves nothing; each call drives readiness of a **clone** of
+//! the inner service inside the response future (so the deadline can bound it). The inner
+//! service must therefore be `Clone`, and its `poll_ready` must not rely on being called on
+//! the same instance as earlier calls. Wrap a non-`Clone` service in `tower::buffer::Buffer`.
+//!
+//! # Outcomes and metrics
+//!
+//! Each finished call is classified by the layer's [`Classify`](crate::classify::Classify)
+//! value ([`DefaultClassifier`](crate::classify::DefaultClassifier) unless replaced) and
+//! counted in `breakwater_timeout_calls_total{name, outcome}` with `outcome` one of `success`,
+//! `failure`, `ignored`, `timeout`. With `record_durations(true)`,
+//! `breakwater_timeout_call_duration_seconds{name, outcome}` records each call's duration from
+//! its first poll. Each timeout also emits [`EventKind::TimedOut`](crate::event::EventKind).
+//! The handle's [`snapshot`](TimeoutHandle::snapshot) has the counter `timeouts`.
+//!
+//! # Shared state
+//!
+//! A `TimeoutLayer` value owns its state: every service it produces, and every clone of
+//! those, count into the same handle and metric handles. A framework that calls `layer()`
+//! per route still gets one instance.
+
+mod future;
+mod layer;
+mod service;
+
+pub use future::ResponseFuture;
+pub use layer::{
+    FixedTimeout, PerRequest, TimeoutBuilder, TimeoutHandle, TimeoutLayer, TimeoutPolicy,
+};
+pub use service::Timeout;

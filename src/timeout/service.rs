@@ -1,0 +1,87 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::Service;
+
+use super::ResponseFuture;
+use super::layer::{Shared, TimeoutPolicy};
+use crate::classify::Classify;
+use crate::error::BoxError;
+
+/// A service with a per-call deadline, made by [`TimeoutLayer`](super::TimeoutLayer).
+///
+/// `poll_ready` is always ready and reserves nothing; each call drives a clone of the inner
+/// service (see the [module docs](crate::timeout#admission-and-clone)).
+#[derive(Debug)]
+pub struct Timeout<S, P, C> {
+    inner: S,
+    shared: Arc<Shared>,
+    policy: P,
+    classifier: C,
+}
+
+impl<S: Clone, P: Clone, C: Clone> Clone for Timeout<S, P, C> {
+    fn clone(&self) -> Self {
+        Timeout {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            policy: self.policy.clone(),
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+impl<S, P, C> Timeout<S, P, C> {
+    pub(super) fn new(inner: S, shared: Arc<Shared>, policy: P, classifier: C) -> Self {
+        Timeout {
+            inner,
+            shared,
+            policy,
+            classifier,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, P, C, Req> Service<Req> for Timeout<S, P, C>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    P: TimeoutPolicy<Req>,
+    C: Classify<S::Response>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        let timeout = self.policy.timeout_for(&req, self.shared.timeout);
+        ResponseFuture::new(
+            self.inner.clone(),
+            req,
+            timeout,
+            self.shared.clone(),
+            self.classifier.clone(),
+        )
+    }
+}

@@ -1,0 +1,91 @@
+//! Allocation counts per call on each layer's happy path, with and without a metrics recorder
+//! (ours: handles are plain atomics). Counting is per thread (`allocation-counter`), on a
+//! current-thread runtime, after a warm-up.
+
+mod support;
+
+use std::time::Duration;
+
+use support::TestRecorder;
+use tower::{Service, ServiceExt};
+
+const CALLS: u64 = 1_000;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+/// Allocations made by `CALLS` calls of `svc`, on one thread, after a warm-up: the
+/// difference between a `block_on` running `2 * CALLS` calls and one running `CALLS`, so
+/// that what the runtime allocates once per `block_on` does not count.
+fn allocs_per_call<S, Req: Clone>(rt: &tokio::runtime::Runtime, mut svc: S, req: Req) -> u64
+where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    let mut run = |n: u64| {
+        allocation_counter::measure(|| {
+            rt.block_on(async {
+                for _ in 0..n {
+                    svc.ready().await.unwrap().call(req.clone()).await.unwrap();
+                }
+            })
+        })
+        .count_total
+    };
+    run(100);
+    let once = run(CALLS);
+    let twice = run(2 * CALLS);
+    twice.saturating_sub(once)
+}
+
+/// An inner service that answers at once.
+fn ready_inner() -> impl Service<u32, Response = u32, Error = std::convert::Infallible> + Clone {
+    tower::service_fn(|x: u32| std::future::ready(Ok(x)))
+}
+
+/// An inner service that returns `Pending` once before answering (as a real client does).
+fn yielding_inner() -> impl Service<u32, Response = u32, Error = std::convert::Infallible> + Clone {
+    tower::service_fn(|x: u32| async move {
+        tokio::task::yield_now().await;
+        Ok(x)
+    })
+}
+
+#[cfg(feature = "timeout")]
+mod timeout {
+    use super::*;
+    use tower_breakwater::timeout::TimeoutLayer;
+
+    fn layer() -> TimeoutLayer {
+        TimeoutLayer::new(Duration::from_secs(1)).unwrap()
+    }
+
+    #[test]
+    fn happy_path_allocates_nothing_without_a_recorder() {
+        let rt = runtime();
+        let svc = tower::Layer::layer(&layer(), ready_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0);
+        let svc = tower::Layer::layer(&layer(), yielding_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0, "armed timer");
+    }
+
+    #[test]
+    fn happy_path_allocates_nothing_with_a_recorder() {
+        let rt = runtime();
+        let rec = TestRecorder::default();
+        let layer = rec.install_while(layer);
+        let svc = tower::Layer::layer(&layer, yielding_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0);
+        assert_eq!(
+            rec.counter(
+                "breakwater_timeout_calls_total",
+                &[("name", "default"), ("outcome", "success")]
+            ),
+            Some(100 + 3 * CALLS)
+        );
+    }
+}

@@ -1,0 +1,130 @@
+//! Test helpers shared by the integration tests: an in-memory metrics recorder whose handles
+//! are plain atomics, and small inner services.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use metrics_util::registry::{AtomicStorage, Registry};
+
+/// An in-memory recorder: counters and gauges are `AtomicU64`s, histograms atomic buckets.
+/// Unlike a draining debug recorder, reading values does not reset them.
+#[derive(Clone)]
+pub struct TestRecorder {
+    registry: Arc<Registry<Key, AtomicStorage>>,
+}
+
+impl Default for TestRecorder {
+    fn default() -> Self {
+        TestRecorder {
+            registry: Arc::new(Registry::atomic()),
+        }
+    }
+}
+
+impl Recorder for TestRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        self.registry
+            .get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
+    }
+
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        self.registry
+            .get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
+    }
+
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        self.registry
+            .get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
+    }
+}
+
+fn matches(key: &Key, name: &str, labels: &[(&str, &str)]) -> bool {
+    key.name() == name
+        && key.labels().count() == labels.len()
+        && labels
+            .iter()
+            .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
+}
+
+impl TestRecorder {
+    /// Runs `f` (typically building layers) with this recorder as the thread's recorder.
+    pub fn install_while<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(self, f)
+    }
+
+    /// The counter with exactly these labels; `None` if never registered.
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        let mut found = None;
+        self.registry.visit_counters(|k, c| {
+            if matches(k, name, labels) {
+                found = Some(c.load(Ordering::SeqCst));
+            }
+        });
+        found
+    }
+
+    /// The gauge with exactly these labels; `None` if never registered.
+    pub fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut found = None;
+        self.registry.visit_gauges(|k, g| {
+            if matches(k, name, labels) {
+                found = Some(f64::from_bits(g.load(Ordering::SeqCst)));
+            }
+        });
+        found
+    }
+
+    /// The values recorded in the histogram with exactly these labels; `None` if never
+    /// registered.
+    pub fn histogram(&self, name: &str, labels: &[(&str, &str)]) -> Option<Vec<f64>> {
+        let mut found = None;
+        self.registry.visit_histograms(|k, h| {
+            if matches(k, name, labels) {
+                found = Some(h.data());
+            }
+        });
+        found
+    }
+
+    /// Every registered series name, sorted and deduplicated.
+    pub fn names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.registry
+            .visit_counters(|k, _| out.push(k.name().to_owned()));
+        self.registry
+            .visit_gauges(|k, _| out.push(k.name().to_owned()));
+        self.registry
+            .visit_histograms(|k, _| out.push(k.name().to_owned()));
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// Counts how many times something happened (calls, drops, polls). Cheap to clone.
+#[derive(Clone, Default, Debug)]
+pub struct Count(Arc<AtomicU64>);
+
+impl Count {
+    pub fn incr(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Increments a [`Count`] when dropped: put one in an inner future to see it dropped.
+pub struct DropGuard(pub Count);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.0.incr();
+    }
+}
