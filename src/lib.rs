@@ -63,7 +63,8 @@
 //! # Cargo features
 //!
 //! One per layer, all on by default: `timeout`, `circuit-breaker`, `bulkhead`, `rate-limit`,
-//! `coalesce`, `cache`. Optional: `tracing` (emit every event as a `tracing` event too).
+//! `coalesce`, `cache`. Optional: `http` (HTTP classification, `Retry-After`, request keys and
+//! rejection responses; see [`http`](mod@http)), `tracing` (emit every event as a `tracing` event too).
 
 pub mod classify;
 pub mod clock;
@@ -73,6 +74,8 @@ pub mod event;
 pub mod metrics;
 pub mod snapshot;
 
+#[cfg(feature = "http")]
+pub mod http;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 

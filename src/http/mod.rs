@@ -1,0 +1,44 @@
+//! HTTP integration: making the layers right for `http::Request` / `http::Response` services
+//! (hyper-util's client, reqwest behind a `tower::service_fn`, tonic channels).
+//!
+//! - [`HttpClassifier`]: 5xx and 429 are failures (configurable), other statuses success;
+//!   transport errors failures; rejections by our own layers ignored (the crate's rule).
+//! - [`retry_after`](retry_after()): the `Retry-After` of a 429 or 503 response, in both of
+//!   RFC 9110's forms (delay-seconds and HTTP-date); anything else is ignored.
+//! - [`HttpKey`]: request keys for coalescing and caching: method + full URI + chosen headers
+//!   (`Authorization` and `Accept` by default), only for safe methods (GET and HEAD by
+//!   default), so that one layer shared by several routes or callers never mixes responses.
+//! - [`is_storable`] and [`max_age`]: whether a response may be shared with other callers, and
+//!   for how long (`Cache-Control`, `Set-Cookie`, `Vary`).
+//! - [`rejection_response`]: turns our own rejections into a `503` or `429` response with
+//!   `Retry-After`, for server-side use.
+//!
+//! Enabled by the `http` cargo feature.
+//!
+//! ```
+//! use http::{Request, Response, StatusCode};
+//! use tower_breakwater::classify::{Classify, Outcome};
+//! use tower_breakwater::http::{HttpClassifier, HttpKey};
+//!
+//! let classifier = HttpClassifier::new();
+//! let unavailable = Response::builder().status(503).body(()).unwrap();
+//! assert_eq!(classifier.classify(Ok(&unavailable)), Outcome::Failure);
+//!
+//! let keys = HttpKey::new();
+//! let get = Request::get("https://risk.example/merchants/42").body(()).unwrap();
+//! let post = Request::post("https://risk.example/merchants/42").body(()).unwrap();
+//! assert!(keys.key(&get).is_some());
+//! assert!(keys.key(&post).is_none(), "unsafe methods are never coalesced or cached");
+//! ```
+
+mod cache_control;
+mod classify;
+mod key;
+mod response;
+mod retry_after;
+
+pub use cache_control::{is_storable, max_age};
+pub use classify::HttpClassifier;
+pub use key::{HttpKey, MAX_KEY_HEADERS, RequestKey, SafeMethod};
+pub use response::rejection_response;
+pub use retry_after::{parse_retry_after, retry_after};
