@@ -236,6 +236,7 @@ pub(crate) struct Common {
     pub(crate) profile: crate::metrics::MetricsProfile,
     pub(crate) record_durations: bool,
     pub(crate) listeners: Vec<crate::event::Listener>,
+    pub(crate) registry: Option<crate::registry::Registry>,
 }
 
 impl Default for Common {
@@ -245,6 +246,7 @@ impl Default for Common {
             profile: crate::metrics::MetricsProfile::default(),
             record_durations: false,
             listeners: Vec::new(),
+            registry: None,
         }
     }
 }
@@ -256,6 +258,7 @@ impl fmt::Debug for Common {
             .field("profile", &self.profile)
             .field("record_durations", &self.record_durations)
             .field("listeners", &self.listeners.len())
+            .field("registry", &self.registry.is_some())
             .finish()
     }
 }
@@ -270,6 +273,14 @@ impl Common {
     /// The registrar for this instance's metric handles.
     pub(crate) fn registrar(&self) -> crate::metrics::Registrar {
         crate::metrics::Registrar::new(self.name.clone(), self.profile)
+    }
+
+    /// Adds the instance's shared state to the builder's registry, if one was given.
+    pub(crate) fn register<T: crate::registry::SnapshotSource + 'static>(&self, shared: &Arc<T>) {
+        if let Some(r) = &self.registry {
+            let weak: std::sync::Weak<T> = Arc::downgrade(shared);
+            r.register(weak);
+        }
     }
 
     /// This instance's event listeners.
@@ -314,6 +325,14 @@ macro_rules! common_builder_methods {
             listener: impl Fn(&crate::event::Event<'_>) + Send + Sync + 'static,
         ) -> Self {
             self.common.listeners.push(std::sync::Arc::new(listener));
+            self
+        }
+
+        /// Adds the instance to `registry` when built, so that
+        /// [`Registry::snapshot`](crate::registry::Registry::snapshot) includes it. Off by
+        /// default.
+        pub fn registry(mut self, registry: &crate::registry::Registry) -> Self {
+            self.common.registry = Some(registry.clone());
             self
         }
     };

@@ -72,6 +72,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod metrics;
+pub mod registry;
 pub mod snapshot;
 
 #[cfg(feature = "http")]

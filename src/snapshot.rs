@@ -4,6 +4,19 @@
 //! (for layers with a state machine) and named counters and gauges. Names of counters and
 //! gauges are stable, lower-case identifiers documented on each layer's `snapshot()`. Taking
 //! a snapshot is meant for debug endpoints and tests, not for the hot path: it allocates.
+//!
+//! # JSON
+//!
+//! With the `serde` feature, `Snapshot` implements `serde::Serialize` with these stable field
+//! names (serialized with `serde_json`):
+//!
+//! ```json
+//! {"name":"fraud-api","layer":"circuit_breaker","state":"open",
+//!  "counters":{"rejected":12},"gauges":{"failure_rate":0.6}}
+//! ```
+//!
+//! `layer` is [`LayerKind::as_str`]; `state` is `null` for layers without a state machine;
+//! `counters` (unsigned integers) and `gauges` (numbers) are objects with keys sorted.
 
 use std::collections::BTreeMap;
 
@@ -63,5 +76,19 @@ impl Snapshot {
     /// A gauge by key; `None` if this layer has no such gauge.
     pub fn gauge(&self, key: &str) -> Option<f64> {
         self.gauges.get(key).copied()
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for Snapshot {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("Snapshot", 5)?;
+        s.serialize_field("name", &self.name)?;
+        s.serialize_field("layer", self.layer.as_str())?;
+        s.serialize_field("state", &self.state)?;
+        s.serialize_field("counters", &self.counters)?;
+        s.serialize_field("gauges", &self.gauges)?;
+        s.end()
     }
 }

@@ -328,3 +328,49 @@ async fn a_huge_deadline_means_no_deadline() {
     let svc = ServiceBuilder::new().layer(layer).service(sleeper());
     assert_eq!(svc.oneshot(86_400_000).await.unwrap(), 86_400_000);
 }
+
+#[tokio::test(start_paused = true)]
+async fn both_profiles_coexist_with_exact_values() {
+    use tower_breakwater::metrics::MetricsProfile;
+    let rec = TestRecorder::default();
+    let build = |profile| {
+        rec.install_while(|| {
+            TimeoutLayer::builder()
+                .name("risk")
+                .timeout(Duration::from_millis(10))
+                .metrics_profile(profile)
+                .build()
+                .unwrap()
+        })
+    };
+    let native = build(MetricsProfile::Breakwater);
+    let r4j = build(MetricsProfile::Resilience4j);
+    let off = build(MetricsProfile::Off);
+    for layer in [&native, &r4j, &off] {
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(sleeper());
+        svc.clone().oneshot(1).await.unwrap();
+        svc.clone().oneshot(20).await.unwrap_err();
+        svc.oneshot(30).await.unwrap_err();
+    }
+    let ours = |o| rec.counter(CALLS, &[("name", "risk"), ("outcome", o)]);
+    assert_eq!((ours("success"), ours("timeout")), (Some(1), Some(2)));
+    let theirs = |k| {
+        rec.counter(
+            "resilience4j_timelimiter_calls_total",
+            &[("name", "risk"), ("kind", k)],
+        )
+    };
+    assert_eq!(theirs("successful"), Some(1));
+    assert_eq!(theirs("timeout"), Some(2));
+    assert_eq!(theirs("failed"), Some(0));
+    assert_eq!(
+        rec.names(),
+        vec![
+            CALLS.to_owned(),
+            "resilience4j_timelimiter_calls_total".to_owned()
+        ],
+        "the Off profile registers nothing"
+    );
+}

@@ -36,10 +36,14 @@
 //! turns duration recording on for the layers built with it (documented on the profile).
 
 pub mod names;
+pub mod resilience4j;
 
 use std::sync::Arc;
 
-use ::metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Unit};
+use ::metrics::{Counter, Gauge, GaugeFn, Histogram, Key, Label, Level, Metadata, Unit};
+
+use self::resilience4j::Translation;
+use crate::error::LayerKind;
 
 /// The naming scheme a layer emits its metrics under, chosen at build time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -49,6 +53,11 @@ pub enum MetricsProfile {
     /// when the layer's `record_durations(true)` is set.
     #[default]
     Breakwater,
+    /// resilience4j-compatible names and labels (as its Micrometer binders publish them to
+    /// Prometheus) where resilience4j has an equivalent, our own names elsewhere; the mapping
+    /// is in [`resilience4j`]. resilience4j's breaker call metric is a timer, so this profile
+    /// turns duration recording on for circuit breakers built with it.
+    Resilience4j,
     /// Register nothing: every handle is a no-op, whatever recorder is installed.
     Off,
 }
@@ -112,17 +121,55 @@ impl Registrar {
         self.profile != MetricsProfile::Off
     }
 
-    fn key(&self, spec: &MetricSpec, labels: &[(&'static str, &'static str)]) -> Key {
+    /// `true` when a layer of `kind` must record durations: the user asked for them, or the
+    /// profile's names include a timer for that layer.
+    pub(crate) fn durations(&self, kind: LayerKind, asked: bool) -> bool {
+        match self.profile {
+            MetricsProfile::Off => false,
+            MetricsProfile::Breakwater => asked,
+            MetricsProfile::Resilience4j => asked || resilience4j::needs_durations(kind),
+        }
+    }
+
+    /// The key a metric is registered under, and the factor its values are multiplied by;
+    /// `None` when the profile does not emit it.
+    fn resolve(
+        &self,
+        spec: &MetricSpec,
+        labels: &[(&'static str, &'static str)],
+    ) -> Option<(&'static str, Key, f64)> {
         debug_assert_eq!(
             labels.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
             spec.labels,
             "labels of {} do not match its spec",
             spec.name
         );
+        let name_label = Label::new("name", self.name.clone());
+        match self.profile {
+            MetricsProfile::Off => None,
+            MetricsProfile::Breakwater => Some(self.native(spec, labels, name_label)),
+            MetricsProfile::Resilience4j => match resilience4j::translate(spec, labels) {
+                Translation::Keep => Some(self.native(spec, labels, name_label)),
+                Translation::Skip => None,
+                Translation::Rename { name, label, scale } => {
+                    let mut all = vec![name_label];
+                    all.extend(label.map(|(k, v)| Label::new(k, v)));
+                    Some((name, Key::from_parts(name, all), scale))
+                }
+            },
+        }
+    }
+
+    fn native(
+        &self,
+        spec: &MetricSpec,
+        labels: &[(&'static str, &'static str)],
+        name_label: Label,
+    ) -> (&'static str, Key, f64) {
         let mut all = Vec::with_capacity(labels.len() + 1);
-        all.push(Label::new("name", self.name.clone()));
+        all.push(name_label);
         all.extend(labels.iter().map(|(k, v)| Label::new(*k, *v)));
-        Key::from_parts(spec.name, all)
+        (spec.name, Key::from_parts(spec.name, all), 1.0)
     }
 
     /// A counter for `spec` with the given extra labels (in the order of `spec.labels`).
@@ -131,12 +178,11 @@ impl Registrar {
         spec: &'static MetricSpec,
         labels: &[(&'static str, &'static str)],
     ) -> Counter {
-        if !self.enabled() {
+        let Some((name, key, _)) = self.resolve(spec, labels) else {
             return Counter::noop();
-        }
-        let key = self.key(spec, labels);
+        };
         ::metrics::with_recorder(|r| {
-            r.describe_counter(spec.name.into(), Some(spec.unit), spec.description.into());
+            r.describe_counter(name.into(), Some(spec.unit), spec.description.into());
             r.register_counter(&key, &METADATA)
         })
     }
@@ -147,14 +193,21 @@ impl Registrar {
         spec: &'static MetricSpec,
         labels: &[(&'static str, &'static str)],
     ) -> Gauge {
-        if !self.enabled() {
+        let Some((name, key, scale)) = self.resolve(spec, labels) else {
             return Gauge::noop();
-        }
-        let key = self.key(spec, labels);
-        ::metrics::with_recorder(|r| {
-            r.describe_gauge(spec.name.into(), Some(spec.unit), spec.description.into());
+        };
+        let gauge = ::metrics::with_recorder(|r| {
+            r.describe_gauge(name.into(), Some(spec.unit), spec.description.into());
             r.register_gauge(&key, &METADATA)
-        })
+        });
+        if scale == 1.0 {
+            gauge
+        } else {
+            Gauge::from_arc(Arc::new(Scaled {
+                inner: gauge,
+                scale,
+            }))
+        }
     }
 
     /// A histogram for `spec` with the given extra labels (in the order of `spec.labels`).
@@ -163,13 +216,32 @@ impl Registrar {
         spec: &'static MetricSpec,
         labels: &[(&'static str, &'static str)],
     ) -> Histogram {
-        if !self.enabled() {
+        let Some((name, key, _)) = self.resolve(spec, labels) else {
             return Histogram::noop();
-        }
-        let key = self.key(spec, labels);
+        };
         ::metrics::with_recorder(|r| {
-            r.describe_histogram(spec.name.into(), Some(spec.unit), spec.description.into());
+            r.describe_histogram(name.into(), Some(spec.unit), spec.description.into());
             r.register_histogram(&key, &METADATA)
         })
+    }
+}
+
+/// A gauge whose values are multiplied by a constant (ratios published as percentages).
+struct Scaled {
+    inner: Gauge,
+    scale: f64,
+}
+
+impl GaugeFn for Scaled {
+    fn increment(&self, value: f64) {
+        self.inner.increment(value * self.scale);
+    }
+
+    fn decrement(&self, value: f64) {
+        self.inner.decrement(value * self.scale);
+    }
+
+    fn set(&self, value: f64) {
+        self.inner.set(value * self.scale);
     }
 }

@@ -12,6 +12,7 @@ use crate::config::{Common, ConfigError, common_builder_methods};
 use crate::error::LayerKind;
 use crate::event::Events;
 use crate::metrics::names;
+use crate::registry::SnapshotSource;
 use crate::snapshot::Snapshot;
 
 /// How a [`Timeout`] picks the deadline of a request.
@@ -173,9 +174,11 @@ impl<P, C> TimeoutBuilder<P, C> {
         let timeout = v.positive_duration("timeout", timeout)?;
         let reg = self.common.registrar();
         let calls = OUTCOMES.map(|o| reg.counter(&names::TIMEOUT_CALLS, &[("outcome", o)]));
-        let durations = (self.common.record_durations && reg.enabled()).then(|| {
-            OUTCOMES.map(|o| reg.histogram(&names::TIMEOUT_CALL_DURATION, &[("outcome", o)]))
-        });
+        let durations = reg
+            .durations(LayerKind::Timeout, self.common.record_durations)
+            .then(|| {
+                OUTCOMES.map(|o| reg.histogram(&names::TIMEOUT_CALL_DURATION, &[("outcome", o)]))
+            });
         let shared = Shared {
             name: v.name().clone(),
             timeout,
@@ -183,8 +186,10 @@ impl<P, C> TimeoutBuilder<P, C> {
             events: self.common.events(LayerKind::Timeout),
             timeouts: AtomicU64::new(0),
         };
+        let shared = Arc::new(shared);
+        self.common.register(&shared);
         Ok(TimeoutLayer {
-            shared: Arc::new(shared),
+            shared,
             policy: self.policy,
             classifier: self.classifier,
         })
@@ -270,8 +275,14 @@ impl TimeoutHandle {
     /// A snapshot: kind `timeout`, no state, counter `timeouts` (calls cancelled by the
     /// deadline since the layer was built), gauge `timeout_seconds` (the configured default).
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot::new(LayerKind::Timeout, &self.shared.name)
-            .with_counter("timeouts", self.shared.timeouts.load(Ordering::Relaxed))
-            .with_gauge("timeout_seconds", self.shared.timeout.as_secs_f64())
+        self.shared.snapshot()
+    }
+}
+
+impl SnapshotSource for Shared {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot::new(LayerKind::Timeout, &self.name)
+            .with_counter("timeouts", self.timeouts.load(Ordering::Relaxed))
+            .with_gauge("timeout_seconds", self.timeout.as_secs_f64())
     }
 }
