@@ -9,11 +9,11 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::Service;
 
-use super::layer::{Shared, TIMED_OUT, outcome_index};
+use super::completion::{Completion, Finish};
+use super::layer::{Shared, outcome_index};
 use crate::classify::Classify;
 use crate::clock::{self, Instant};
-use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
-use crate::event::EventKind;
+use crate::error::BoxError;
 
 pin_project! {
     #[project = StateProj]
@@ -47,7 +47,7 @@ pin_project! {
     /// # Panics
     ///
     /// When polled again after it returned `Ready`.
-    pub struct ResponseFuture<S, Req, C>
+    pub struct ResponseFuture<S, Req, C, M>
     where
         S: Service<Req>,
     {
@@ -60,10 +60,11 @@ pin_project! {
         started: Option<Instant>,
         shared: Arc<Shared>,
         classifier: C,
+        completion: M,
     }
 }
 
-impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
+impl<S: Service<Req>, Req, C, M> fmt::Debug for ResponseFuture<S, Req, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("name", &self.shared.name)
@@ -72,13 +73,14 @@ impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
     }
 }
 
-impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
+impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
     pub(super) fn new(
         svc: S,
         req: Req,
         timeout: Duration,
         shared: Arc<Shared>,
         classifier: C,
+        completion: M,
     ) -> Self {
         ResponseFuture {
             state: State::Ready {
@@ -90,21 +92,25 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
             started: None,
             shared,
             classifier,
+            completion,
         }
     }
 }
 
-impl<S, Req, C> Future for ResponseFuture<S, Req, C>
+impl<S, Req, C, M> Future for ResponseFuture<S, Req, C, M>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
+    M: Completion<S::Response>,
 {
-    type Output = Result<S::Response, BoxError>;
+    type Output = Result<M::Output, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if this.started.is_none() && this.shared.records_durations() {
+        if this.started.is_none()
+            && (this.shared.records_durations() || this.completion.needs_start())
+        {
             *this.started = Some(clock::now());
         }
 
@@ -130,11 +136,24 @@ where
         if let Some(result) = result {
             this.state.set(State::Done);
             let outcome = outcome_index(this.classifier.classify(result.as_ref()));
-            let elapsed = this
-                .started
-                .map(|s| clock::now().saturating_duration_since(s));
-            this.shared.record(outcome, elapsed);
-            return Poll::Ready(result);
+            return Poll::Ready(match result {
+                Ok(res) => Ok(this.completion.complete(
+                    res,
+                    Finish {
+                        shared: this.shared,
+                        outcome,
+                        started: *this.started,
+                        timeout: *this.timeout,
+                    },
+                )),
+                Err(e) => {
+                    let elapsed = this
+                        .started
+                        .map(|s| clock::now().saturating_duration_since(s));
+                    this.shared.record(outcome, elapsed);
+                    Err(e)
+                }
+            });
         }
 
         // 2. The inner call is pending: arm the timer on the first such poll.
@@ -151,21 +170,10 @@ where
             ready!(sleep.poll(cx));
             // Deadline passed: cancel the inner call now.
             this.state.set(State::Done);
-            let timeout = *this.timeout;
             let elapsed = this
                 .started
                 .map(|s| clock::now().saturating_duration_since(s));
-            this.shared.record(TIMED_OUT, elapsed);
-            this.shared
-                .events
-                .emit(|| EventKind::TimedOut { after: timeout });
-            let err = BreakwaterError::new(
-                ErrorKind::Timeout,
-                LayerKind::Timeout,
-                this.shared.name.clone(),
-            )
-            .with_elapsed(timeout);
-            return Poll::Ready(Err(Box::new(err)));
+            return Poll::Ready(Err(this.shared.timed_out(*this.timeout, elapsed)));
         }
         Poll::Pending
     }

@@ -7,10 +7,11 @@ use ::metrics::{Counter, Histogram};
 use tower::Layer;
 
 use super::Timeout;
+use super::completion::AtResponse;
 use crate::classify::{DefaultClassifier, Outcome};
 use crate::config::{Common, ConfigError, common_builder_methods};
-use crate::error::LayerKind;
-use crate::event::Events;
+use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
+use crate::event::{EventKind, Events};
 use crate::metrics::names;
 use crate::registry::SnapshotSource;
 use crate::snapshot::Snapshot;
@@ -63,6 +64,7 @@ pub(super) struct TimeoutMetrics {
 }
 
 const OUTCOMES: [&str; 4] = ["success", "failure", "ignored", "timeout"];
+pub(super) const FAILED: usize = 1;
 pub(super) const TIMED_OUT: usize = 3;
 
 pub(super) fn outcome_index(o: Outcome) -> usize {
@@ -101,6 +103,16 @@ impl Shared {
             self.timeouts.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    /// Records a call cut off by its deadline `timeout` and returns the caller's error.
+    pub(super) fn timed_out(&self, timeout: Duration, elapsed: Option<Duration>) -> BoxError {
+        self.record(TIMED_OUT, elapsed);
+        self.events.emit(|| EventKind::TimedOut { after: timeout });
+        Box::new(
+            BreakwaterError::new(ErrorKind::Timeout, LayerKind::Timeout, self.name.clone())
+                .with_elapsed(timeout),
+        )
+    }
 }
 
 /// Builds a [`TimeoutLayer`]; see the [module docs](crate::timeout).
@@ -108,11 +120,12 @@ impl Shared {
 /// Required: [`timeout`](Self::timeout) (a duration > 0).
 #[derive(Debug)]
 #[must_use]
-pub struct TimeoutBuilder<P = FixedTimeout, C = DefaultClassifier> {
+pub struct TimeoutBuilder<P = FixedTimeout, C = DefaultClassifier, M = AtResponse> {
     common: Common,
     timeout: Option<Duration>,
     policy: P,
     classifier: C,
+    completion: M,
 }
 
 impl Default for TimeoutBuilder {
@@ -122,11 +135,12 @@ impl Default for TimeoutBuilder {
             timeout: None,
             policy: FixedTimeout,
             classifier: DefaultClassifier,
+            completion: AtResponse,
         }
     }
 }
 
-impl<P, C> TimeoutBuilder<P, C> {
+impl<P, C, M> TimeoutBuilder<P, C, M> {
     common_builder_methods!();
 
     /// The deadline of each call, from the first poll of its response future. Must be > 0.
@@ -138,7 +152,7 @@ impl<P, C> TimeoutBuilder<P, C> {
     /// Computes the deadline per request: `f(&req)` returns `Some(duration)` to override the
     /// layer's [`timeout`](Self::timeout) for that request, `None` to keep it. `f` is called
     /// once per call, in `call`.
-    pub fn per_request<Req, F>(self, f: F) -> TimeoutBuilder<PerRequest<F>, C>
+    pub fn per_request<Req, F>(self, f: F) -> TimeoutBuilder<PerRequest<F>, C, M>
     where
         F: Fn(&Req) -> Option<Duration> + Clone,
     {
@@ -147,17 +161,32 @@ impl<P, C> TimeoutBuilder<P, C> {
             timeout: self.timeout,
             policy: PerRequest(f),
             classifier: self.classifier,
+            completion: self.completion,
+        }
+    }
+
+    /// For `http::Response` services: the deadline covers the whole response body, not just
+    /// the headers (see [`WholeBody`](super::WholeBody)). Requires the `http` feature.
+    #[cfg(feature = "http")]
+    pub fn whole_body(self) -> TimeoutBuilder<P, C, super::WholeBody> {
+        TimeoutBuilder {
+            common: self.common,
+            timeout: self.timeout,
+            policy: self.policy,
+            classifier: self.classifier,
+            completion: super::WholeBody,
         }
     }
 
     /// Replaces the classifier that decides the `outcome` label of finished calls (default
     /// [`DefaultClassifier`]).
-    pub fn classifier<C2>(self, classifier: C2) -> TimeoutBuilder<P, C2> {
+    pub fn classifier<C2>(self, classifier: C2) -> TimeoutBuilder<P, C2, M> {
         TimeoutBuilder {
             common: self.common,
             timeout: self.timeout,
             policy: self.policy,
             classifier,
+            completion: self.completion,
         }
     }
 
@@ -168,7 +197,7 @@ impl<P, C> TimeoutBuilder<P, C> {
     ///
     /// A [`ConfigError`] naming the field when `timeout` is unset or zero, or the name is
     /// empty.
-    pub fn build(self) -> Result<TimeoutLayer<P, C>, ConfigError> {
+    pub fn build(self) -> Result<TimeoutLayer<P, C, M>, ConfigError> {
         let v = self.common.validator(LayerKind::Timeout)?;
         let timeout = v.required("timeout", self.timeout, "a duration > 0")?;
         let timeout = v.positive_duration("timeout", timeout)?;
@@ -192,6 +221,7 @@ impl<P, C> TimeoutBuilder<P, C> {
             shared,
             policy: self.policy,
             classifier: self.classifier,
+            completion: self.completion,
         })
     }
 }
@@ -200,18 +230,20 @@ impl<P, C> TimeoutBuilder<P, C> {
 ///
 /// Cheap to clone (one `Arc`); every clone, and every service it makes, shares one state.
 #[derive(Debug)]
-pub struct TimeoutLayer<P = FixedTimeout, C = DefaultClassifier> {
+pub struct TimeoutLayer<P = FixedTimeout, C = DefaultClassifier, M = AtResponse> {
     pub(super) shared: Arc<Shared>,
     policy: P,
     classifier: C,
+    completion: M,
 }
 
-impl<P: Clone, C: Clone> Clone for TimeoutLayer<P, C> {
+impl<P: Clone, C: Clone, M: Clone> Clone for TimeoutLayer<P, C, M> {
     fn clone(&self) -> Self {
         TimeoutLayer {
             shared: self.shared.clone(),
             policy: self.policy.clone(),
             classifier: self.classifier.clone(),
+            completion: self.completion.clone(),
         }
     }
 }
@@ -233,7 +265,7 @@ impl TimeoutLayer {
     }
 }
 
-impl<P, C> TimeoutLayer<P, C> {
+impl<P, C, M> TimeoutLayer<P, C, M> {
     /// A handle to this instance's state, for snapshots.
     pub fn handle(&self) -> TimeoutHandle {
         TimeoutHandle {
@@ -242,8 +274,8 @@ impl<P, C> TimeoutLayer<P, C> {
     }
 }
 
-impl<S, P: Clone, C: Clone> Layer<S> for TimeoutLayer<P, C> {
-    type Service = Timeout<S, P, C>;
+impl<S, P: Clone, C: Clone, M: Clone> Layer<S> for TimeoutLayer<P, C, M> {
+    type Service = Timeout<S, P, C, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Timeout::new(
@@ -251,6 +283,7 @@ impl<S, P: Clone, C: Clone> Layer<S> for TimeoutLayer<P, C> {
             self.shared.clone(),
             self.policy.clone(),
             self.classifier.clone(),
+            self.completion.clone(),
         )
     }
 }

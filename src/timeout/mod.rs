@@ -46,6 +46,10 @@
 //! - **Ordering.** On each poll the inner service is polled before the timer: a response that
 //!   is ready in the same poll as the deadline wins.
 //! - **Deadlines too large** to add to the current instant are treated as no deadline.
+//! - **HTTP bodies.** By default ([`AtResponse`]) the call ends when the inner service returns
+//!   its response; for `http::Response` services a slow or stalled *body* would escape the
+//!   deadline. With the `http` feature, [`whole_body`](TimeoutBuilder::whole_body) makes the
+//!   deadline cover the body too ([`WholeBody`], [`TimeoutBody`]).
 //!
 //! # Admission and `Clone`
 //!
@@ -71,10 +75,16 @@
 //! those, count into the same handle and metric handles. A framework that calls `layer()`
 //! per route still gets one instance.
 
+#[cfg(feature = "http")]
+mod body;
+mod completion;
 mod future;
 mod layer;
 mod service;
 
+#[cfg(feature = "http")]
+pub use body::{TimeoutBody, WholeBody};
+pub use completion::{AtResponse, Completion};
 pub use future::ResponseFuture;
 pub use layer::{
     FixedTimeout, PerRequest, TimeoutBuilder, TimeoutHandle, TimeoutLayer, TimeoutPolicy,

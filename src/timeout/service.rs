@@ -4,6 +4,7 @@ use std::task::{Context, Poll};
 use tower::Service;
 
 use super::ResponseFuture;
+use super::completion::Completion;
 use super::layer::{Shared, TimeoutPolicy};
 use crate::classify::Classify;
 use crate::error::BoxError;
@@ -13,31 +14,40 @@ use crate::error::BoxError;
 /// `poll_ready` is always ready and reserves nothing; each call drives a clone of the inner
 /// service (see the [module docs](crate::timeout#admission-and-clone)).
 #[derive(Debug)]
-pub struct Timeout<S, P, C> {
+pub struct Timeout<S, P, C, M> {
     inner: S,
     shared: Arc<Shared>,
     policy: P,
     classifier: C,
+    completion: M,
 }
 
-impl<S: Clone, P: Clone, C: Clone> Clone for Timeout<S, P, C> {
+impl<S: Clone, P: Clone, C: Clone, M: Clone> Clone for Timeout<S, P, C, M> {
     fn clone(&self) -> Self {
         Timeout {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
             policy: self.policy.clone(),
             classifier: self.classifier.clone(),
+            completion: self.completion.clone(),
         }
     }
 }
 
-impl<S, P, C> Timeout<S, P, C> {
-    pub(super) fn new(inner: S, shared: Arc<Shared>, policy: P, classifier: C) -> Self {
+impl<S, P, C, M> Timeout<S, P, C, M> {
+    pub(super) fn new(
+        inner: S,
+        shared: Arc<Shared>,
+        policy: P,
+        classifier: C,
+        completion: M,
+    ) -> Self {
         Timeout {
             inner,
             shared,
             policy,
             classifier,
+            completion,
         }
     }
 
@@ -57,16 +67,17 @@ impl<S, P, C> Timeout<S, P, C> {
     }
 }
 
-impl<S, P, C, Req> Service<Req> for Timeout<S, P, C>
+impl<S, P, C, M, Req> Service<Req> for Timeout<S, P, C, M>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     P: TimeoutPolicy<Req>,
     C: Classify<S::Response>,
+    M: Completion<S::Response>,
 {
-    type Response = S::Response;
+    type Response = M::Output;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req, C>;
+    type Future = ResponseFuture<S, Req, C, M>;
 
     #[inline]
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -82,6 +93,7 @@ where
             timeout,
             self.shared.clone(),
             self.classifier.clone(),
+            self.completion.clone(),
         )
     }
 }

@@ -128,3 +128,68 @@ impl Drop for DropGuard {
         self.0.incr();
     }
 }
+
+/// An HTTP body that yields each frame after its delay on tokio's clock, then optionally an
+/// error; counts its drops.
+#[cfg(feature = "http")]
+pub mod body {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+    use tokio::time::Sleep;
+
+    use super::{Count, DropGuard};
+
+    pub struct SlowBody {
+        frames: VecDeque<(Duration, &'static str)>,
+        fail_at_end: bool,
+        sleep: Option<Pin<Box<Sleep>>>,
+        _drops: DropGuard,
+    }
+
+    impl SlowBody {
+        /// Frames as (delay after the previous frame, content).
+        pub fn new(frames: &[(u64, &'static str)], fail_at_end: bool, drops: Count) -> Self {
+            SlowBody {
+                frames: frames
+                    .iter()
+                    .map(|(ms, s)| (Duration::from_millis(*ms), *s))
+                    .collect(),
+                fail_at_end,
+                sleep: None,
+                _drops: DropGuard(drops),
+            }
+        }
+    }
+
+    impl Body for SlowBody {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            let Some(&(delay, data)) = self.frames.front() else {
+                return Poll::Ready(if std::mem::take(&mut self.fail_at_end) {
+                    Some(Err(std::io::Error::other("body reset")))
+                } else {
+                    None
+                });
+            };
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.sleep = None;
+            self.frames.pop_front();
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
+        }
+    }
+}
