@@ -1,10 +1,11 @@
 //! Timeout happy path (the deadline never fires), beside tower's `Timeout` and no middleware.
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
 
 mod common;
 
 use std::time::Duration;
 
-use common::{bench_service, ready_inner, runtime};
+use common::{bench_service, ready_inner, runtime, yielding_inner};
 use criterion::{Criterion, criterion_group, criterion_main};
 use tower::Layer;
 use tower_breakwater::timeout::TimeoutLayer;
@@ -28,6 +29,22 @@ fn benches(c: &mut Criterion) {
     );
     let theirs = tower::timeout::TimeoutLayer::new(Duration::from_secs(1));
     bench_service(c, "timeout/tower", &rt, theirs.layer(ready_inner()), 1);
+    // An inner service that returns `Pending` once, as a real client does: both timeouts
+    // arm their timer.
+    bench_service(
+        c,
+        "timeout/breakwater/pending-once",
+        &rt,
+        ours.layer(yielding_inner()),
+        1,
+    );
+    bench_service(
+        c,
+        "timeout/tower/pending-once",
+        &rt,
+        theirs.layer(yielding_inner()),
+        1,
+    );
 }
 
 criterion_group!(group, benches);

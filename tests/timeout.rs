@@ -374,3 +374,38 @@ async fn both_profiles_coexist_with_exact_values() {
         "the Off profile registers nothing"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_future_exhausting_the_coop_budget_still_times_out() {
+    // The inner future is always runnable, so the paused clock never auto-advances: the test
+    // moves it by hand, then lets the busy task run a bounded number of times.
+    let busy = service_fn(|_: ()| async {
+        loop {
+            tokio::task::coop::consume_budget().await;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), BoxError>(())
+    });
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Duration::from_millis(10)).unwrap())
+        .service(busy);
+    let task = tokio::spawn(svc.oneshot(()));
+    settle().await;
+    assert!(!task.is_finished());
+    advance(Duration::from_millis(10)).await;
+    for _ in 0..1_000 {
+        if task.is_finished() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        task.is_finished(),
+        "the deadline did not fire under an exhausted budget"
+    );
+    let err = task.await.unwrap().unwrap_err();
+    assert_eq!(
+        error::find(err.as_ref()).unwrap().kind(),
+        ErrorKind::Timeout
+    );
+}

@@ -50,3 +50,12 @@ pub fn ready_inner() -> impl Service<
 > + Clone {
     tower::service_fn(|x: u64| std::future::ready(Ok(x)))
 }
+
+/// An inner service that returns `Pending` once before answering `Ok`.
+pub fn yielding_inner()
+-> impl Service<u64, Response = u64, Error = std::convert::Infallible> + Clone {
+    tower::service_fn(|x: u64| async move {
+        tokio::task::yield_now().await;
+        Ok(x)
+    })
+}

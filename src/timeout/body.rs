@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::task::coop::{Unconstrained, unconstrained};
 use tokio::time::Sleep;
 
 use super::completion::{Completion, Finish, sealed};
@@ -103,7 +104,7 @@ pin_project! {
     pub struct TimeoutBody<B> {
         #[pin]
         state: BodyState<B>,
-        sleep: Option<Pin<Box<Sleep>>>,
+        sleep: Option<Pin<Box<Unconstrained<Sleep>>>>,
         deadline: Option<Instant>,
         timeout: Duration,
         record: Record,
@@ -154,7 +155,7 @@ where
         };
         let sleep = this
             .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            .get_or_insert_with(|| Box::pin(unconstrained(tokio::time::sleep_until(deadline))));
         if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }

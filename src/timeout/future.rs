@@ -6,6 +6,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
+use tokio::task::coop::{Unconstrained, unconstrained};
 use tokio::time::Sleep;
 use tower::Service;
 
@@ -30,7 +31,9 @@ pin_project! {
     enum Timer {
         // Not armed yet: the inner service has not returned `Pending`.
         Unarmed,
-        Armed { #[pin] sleep: Sleep },
+        // Polled without tokio's cooperative budget: an inner future that uses up the task's
+        // budget on every poll must not keep the deadline from firing.
+        Armed { #[pin] sleep: Unconstrained<Sleep> },
         // The deadline does not fit in an `Instant`: no deadline.
         Never,
     }
@@ -46,7 +49,9 @@ pin_project! {
     ///
     /// # Panics
     ///
-    /// When polled again after it returned `Ready`.
+    /// When polled again after it returned `Ready`; and, as every tokio timer, when the
+    /// deadline must be armed (the inner call did not finish on the first poll) on a runtime
+    /// built without the time driver (`enable_time` / `enable_all`).
     pub struct ResponseFuture<S, Req, C, M>
     where
         S: Service<Req>,
@@ -161,7 +166,7 @@ where
             let start = this.started.unwrap_or_else(clock::now);
             match start.checked_add(*this.timeout) {
                 Some(deadline) => this.timer.set(Timer::Armed {
-                    sleep: tokio::time::sleep_until(deadline),
+                    sleep: unconstrained(tokio::time::sleep_until(deadline)),
                 }),
                 None => this.timer.set(Timer::Never),
             }

@@ -144,6 +144,8 @@ impl<P, C, M> TimeoutBuilder<P, C, M> {
     common_builder_methods!();
 
     /// The deadline of each call, from the first poll of its response future. Must be > 0.
+    /// A duration too large to add to tokio's current instant (such as `Duration::MAX`)
+    /// means no deadline.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

@@ -46,6 +46,14 @@
 //! - **Ordering.** On each poll the inner service is polled before the timer: a response that
 //!   is ready in the same poll as the deadline wins.
 //! - **Deadlines too large** to add to the current instant are treated as no deadline.
+//! - **Cooperative scheduling.** The deadline timer is polled outside tokio's task budget, so
+//!   an inner future that exhausts the budget on every poll (a body streaming from an
+//!   always-ready socket) still times out.
+//! - **Runtime.** Like every tokio timer, the deadline needs a runtime with the time driver
+//!   (`enable_time` or `enable_all`); without one, arming it panics.
+//! - **Not counted.** A call whose response future is dropped before it ends (cancelled by the
+//!   caller) is counted under no outcome; neither is one whose inner future panics (the panic
+//!   propagates to the caller).
 //! - **HTTP bodies.** By default ([`AtResponse`]) the call ends when the inner service returns
 //!   its response; for `http::Response` services a slow or stalled *body* would escape the
 //!   deadline. With the `http` feature, [`whole_body`](TimeoutBuilder::whole_body) makes the
@@ -57,7 +65,14 @@
 //! returns `Ready(Ok(()))` and reserves nothing; each call drives readiness of a **clone** of
 //! the inner service inside the response future (so the deadline can bound it). The inner
 //! service must therefore be `Clone`, and its `poll_ready` must not rely on being called on
-//! the same instance as earlier calls. Wrap a non-`Clone` service in `tower::buffer::Buffer`.
+//! the same instance as earlier calls. Wrap a non-`Clone` service in `tower::buffer::Buffer`
+//! (note that cloning a `Buffer` allocates, so each call then allocates too).
+//!
+//! Since `poll_ready` is always ready, the timeout does **not** pass the inner service's
+//! backpressure outwards: a layer above it that relies on readiness (a balancer, a
+//! `Buffer` worker, tower's `ConcurrencyLimit`) sees a saturated dependency as ready. Put
+//! such layers inside the timeout, or bound concurrency with a bulkhead, which rejects or
+//! queues in `call`.
 //!
 //! # Outcomes and metrics
 //!
