@@ -18,16 +18,19 @@ use crate::error::BoxError;
 /// frees the call's half-open probe slot at once, and records a slow call where the call
 /// already ran longer than the slow-call duration.
 pub(super) struct Guard {
-    shared: Arc<Shared>,
+    /// `Some` until dropped; see [`spare`](super::spare).
+    shared: Option<Arc<Shared>>,
     ticket: Ticket,
     started: Option<Instant>,
     armed: bool,
 }
 
 impl Guard {
-    pub(super) fn new(shared: Arc<Shared>, ticket: Ticket) -> Guard {
+    /// Takes a reference to `shared` (from the thread's spare cache when it has one).
+    #[inline]
+    pub(super) fn new(shared: &Arc<Shared>, ticket: Ticket) -> Guard {
         Guard {
-            shared,
+            shared: Some(super::spare::acquire(shared)),
             ticket,
             started: None,
             armed: true,
@@ -35,31 +38,43 @@ impl Guard {
     }
 
     #[inline]
+    fn shared(&self) -> &Shared {
+        self.shared.as_ref().expect("present until dropped")
+    }
+
+    #[inline]
     fn start(&mut self) {
-        if self.started.is_none() && self.shared.timed {
+        if self.started.is_none() && self.shared().timed {
             self.started = Some(clock::now());
         }
     }
 
+    #[inline]
     fn elapsed(&self) -> Option<Duration> {
-        self.started
-            .map(|s| clock::now().saturating_duration_since(s))
+        match self.started {
+            None => None,
+            Some(s) => Some(clock::now().saturating_duration_since(s)),
+        }
     }
 
     #[inline]
     fn finish(&mut self, outcome: Outcome) {
         self.armed = false;
         let elapsed = self.elapsed();
-        self.shared.complete(self.ticket, outcome, elapsed);
+        self.shared().complete(self.ticket, outcome, elapsed);
     }
 }
 
 impl Drop for Guard {
+    #[inline]
     fn drop(&mut self) {
         if self.armed {
             self.armed = false;
             let elapsed = self.elapsed();
-            self.shared.cancel(self.ticket, elapsed);
+            self.shared().cancel(self.ticket, elapsed);
+        }
+        if let Some(shared) = self.shared.take() {
+            super::spare::release(shared);
         }
     }
 }
@@ -157,7 +172,7 @@ where
                     Poll::Ready(Ok(res)) => {
                         this.kind.set(Kind::Done);
                         let outcome = this.classifier.classify(Ok(&res));
-                        if let Some(mut g) = this.guard.take() {
+                        if let Some(g) = this.guard.as_mut() {
                             g.finish(outcome);
                         }
                         return Poll::Ready(Ok(res));
@@ -175,7 +190,7 @@ where
         };
         this.kind.set(Kind::Done);
         let outcome = this.classifier.classify(Err(&result));
-        if let Some(mut g) = this.guard.take() {
+        if let Some(g) = this.guard.as_mut() {
             g.finish(outcome);
         }
         Poll::Ready(Err(result))

@@ -78,7 +78,7 @@ where
             Ok(ticket) => ResponseFuture::admitted(
                 self.inner.clone(),
                 req,
-                Guard::new(self.shared.clone(), ticket),
+                Guard::new(&self.shared, ticket),
                 self.classifier.clone(),
             ),
             Err(retry_after) => {
