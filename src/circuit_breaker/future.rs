@@ -51,10 +51,8 @@ impl Guard {
 
     #[inline]
     fn elapsed(&self) -> Option<Duration> {
-        match self.started {
-            None => None,
-            Some(s) => Some(clock::now().saturating_duration_since(s)),
-        }
+        self.started
+            .map(|s| clock::now().saturating_duration_since(s))
     }
 
     #[inline]
