@@ -33,6 +33,8 @@ enum Do {
     SlowS(u64),
     /// Sleep this many milliseconds, then fail.
     SlowF(u64),
+    /// Panic inside the inner future.
+    Panic,
 }
 use Do::*;
 
@@ -73,6 +75,7 @@ impl Service<Do> for Inner {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                     Err("slow boom".into())
                 }
+                Panic => panic!("inner panicked"),
             }
         })
     }
@@ -456,6 +459,19 @@ async fn a_dropped_probe_frees_its_slot_at_once() {
         before + 1,
         "the freed slot admitted the next call"
     );
+    assert_eq!(layer.handle().state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_panics_frees_its_slot() {
+    let (layer, svc, inner) = setup(count_window(2).permitted_calls_in_half_open(1));
+    half_open(&svc, &layer).await;
+    let before = inner.calls.get();
+    let panicked = tokio::spawn(svc.clone().oneshot(Panic)).await;
+    assert!(panicked.unwrap_err().is_panic());
+    assert_eq!(layer.handle().state(), State::HalfOpen);
+    run(&svc, S).await.unwrap();
+    assert_eq!(inner.calls.get(), before + 2, "the next call got the slot");
     assert_eq!(layer.handle().state(), State::Closed);
 }
 
