@@ -348,6 +348,8 @@ impl Shared {
     /// A call whose future was dropped before it finished: it frees its probe slot, and with
     /// slow-call detection on, a call cancelled after running longer than the slow-call
     /// duration is recorded as a slow call that is not a failure.
+    #[cold]
+    #[inline(never)]
     pub(super) fn cancel(&self, t: Ticket, elapsed: Option<Duration>) {
         let slow = self.is_slow(elapsed);
         if slow {

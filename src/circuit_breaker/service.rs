@@ -82,17 +82,24 @@ where
                 self.classifier.clone(),
             ),
             Err(retry_after) => {
-                self.shared.rejected(retry_after);
-                let mut err = BreakwaterError::new(
-                    ErrorKind::CircuitOpen,
-                    LayerKind::CircuitBreaker,
-                    self.shared.name.clone(),
-                );
-                if let Some(after) = retry_after {
-                    err = err.with_retry_after(after);
-                }
-                ResponseFuture::rejected(Box::new(err), self.classifier.clone())
+                ResponseFuture::rejected(reject(&self.shared, retry_after), self.classifier.clone())
             }
         }
     }
+}
+
+/// Counts a rejection and builds its error.
+#[cold]
+#[inline(never)]
+fn reject(shared: &Shared, retry_after: Option<std::time::Duration>) -> BoxError {
+    shared.rejected(retry_after);
+    let mut err = BreakwaterError::new(
+        ErrorKind::CircuitOpen,
+        LayerKind::CircuitBreaker,
+        shared.name.clone(),
+    );
+    if let Some(after) = retry_after {
+        err = err.with_retry_after(after);
+    }
+    Box::new(err)
 }
