@@ -934,3 +934,34 @@ fn many_threads_get_exactly_n_probes() {
     assert_eq!(h.state(), State::HalfOpen);
     assert_eq!(h.snapshot().gauge("probes_in_flight"), Some(0.0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_calls_count_as_neither_without_slow_call_detection() {
+    let (layer, svc, inner) = setup(count_window(2));
+    for _ in 0..3 {
+        let r = tokio::time::timeout(Duration::from_secs(1), run(&svc, SlowF(5_000))).await;
+        assert!(r.is_err());
+    }
+    assert_eq!(inner.drops.get(), 3);
+    let s = layer.handle().snapshot();
+    assert_eq!(s.state, Some("closed"));
+    assert_eq!(s.gauge("calls_in_window"), Some(0.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_breaker_is_freed_once_its_cached_reference_is_reused() {
+    let freed = Count::default();
+    let guard = DropGuard(freed.clone());
+    let (layer, svc, _) = setup(count_window(2).on_event(move |_| {
+        let _ = &guard;
+    }));
+    run(&svc, S).await.unwrap();
+    drop((layer, svc));
+    assert_eq!(freed.get(), 0, "a reference is cached on this thread");
+    // Four other breakers fill the thread's cache; the last one evicts the dead reference.
+    let others: Vec<_> = (0..4).map(|_| setup(count_window(2))).collect();
+    for (_, svc, _) in &others {
+        run(svc, S).await.unwrap();
+    }
+    assert_eq!(freed.get(), 1, "the dropped breaker's state was freed");
+}
