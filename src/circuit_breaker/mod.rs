@@ -161,10 +161,11 @@
 //! mutex. The core takes its notion of time as a parameter, so it is checked with
 //! [loom](https://docs.rs/loom) without a clock: probe slots never exceed N across threads,
 //! a freed slot is reusable, and a late outcome from an earlier generation never transitions.
-//! Run the model with:
+//! Run the model with (a separate target directory keeps the normal build intact; the
+//! models themselves run in well under a second):
 //!
 //! ```text
-//! RUSTFLAGS="--cfg loom" cargo test --release --lib circuit_breaker::loom
+//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib circuit_breaker::loom
 //! ```
 
 mod core;
