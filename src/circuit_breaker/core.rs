@@ -13,9 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::metrics::{Counter, Gauge, Histogram};
-
 use super::State;
+use super::metrics::{Metrics, REJECTED, outcome_index};
 use super::state::Hot;
 use super::sync::{AtomicU64, Mutex, Ordering};
 use super::window::{Totals, Window, ratio};
@@ -23,7 +22,6 @@ use crate::classify::Outcome;
 use crate::clock::{self, Instant};
 use crate::error::LayerKind;
 use crate::event::{EventKind, Events};
-use crate::metrics::{Registrar, names};
 use crate::snapshot::Snapshot;
 
 /// Validated configuration.
@@ -68,75 +66,6 @@ impl Now {
 pub(super) struct Ticket {
     pub(super) generation: u64,
     pub(super) probe: bool,
-}
-
-/// Metric handles, registered at build time.
-#[derive(Debug)]
-pub(super) struct Metrics {
-    state: [Gauge; 5],
-    /// `[from][to]`; the diagonal is never used.
-    transitions: [[Counter; 5]; 5],
-    state_time: [Counter; 5],
-    /// success, failure, ignored, rejected.
-    calls: [Counter; 4],
-    slow_calls: Counter,
-    failure_rate: Gauge,
-    slow_call_rate: Gauge,
-    durations: Option<[Histogram; 3]>,
-}
-
-const OUTCOMES: [&str; 4] = ["success", "failure", "ignored", "rejected"];
-const REJECTED: usize = 3;
-
-fn outcome_index(o: Outcome) -> usize {
-    match o {
-        Outcome::Success => 0,
-        Outcome::Failure => 1,
-        Outcome::Ignored => 2,
-    }
-}
-
-impl Metrics {
-    pub(super) fn register(reg: &Registrar, durations: bool) -> Metrics {
-        let states = State::ALL.map(State::as_str);
-        Metrics {
-            state: states.map(|s| reg.gauge(&names::CIRCUIT_BREAKER_STATE, &[("state", s)])),
-            transitions: states.map(|from| {
-                states.map(|to| {
-                    if from == to {
-                        Counter::noop()
-                    } else {
-                        reg.counter(
-                            &names::CIRCUIT_BREAKER_TRANSITIONS,
-                            &[("from", from), ("to", to)],
-                        )
-                    }
-                })
-            }),
-            state_time: states
-                .map(|s| reg.counter(&names::CIRCUIT_BREAKER_STATE_TIME, &[("state", s)])),
-            calls: OUTCOMES.map(|o| reg.counter(&names::CIRCUIT_BREAKER_CALLS, &[("outcome", o)])),
-            slow_calls: reg.counter(&names::CIRCUIT_BREAKER_SLOW_CALLS, &[]),
-            failure_rate: reg.gauge(&names::CIRCUIT_BREAKER_FAILURE_RATE, &[]),
-            slow_call_rate: reg.gauge(&names::CIRCUIT_BREAKER_SLOW_CALL_RATE, &[]),
-            durations: (durations && reg.enabled()).then(|| {
-                [OUTCOMES[0], OUTCOMES[1], OUTCOMES[2]].map(|o| {
-                    reg.histogram(&names::CIRCUIT_BREAKER_CALL_DURATION, &[("outcome", o)])
-                })
-            }),
-        }
-    }
-
-    fn set_state(&self, current: State) {
-        for s in State::ALL {
-            self.state[s.index()].set(if s == current { 1.0 } else { 0.0 });
-        }
-    }
-
-    fn set_rates(&self, t: &Totals) {
-        self.failure_rate.set(t.failure_rate());
-        self.slow_call_rate.set(t.slow_rate());
-    }
 }
 
 /// Probe bookkeeping of one half-open period.

@@ -3,7 +3,8 @@ use std::time::Duration;
 
 use tower::Layer;
 
-use super::core::{Config, Metrics, Now, Shared};
+use super::core::{Config, Now, Shared};
+use super::metrics::Metrics;
 use super::window::{CountWindow, TimeWindow, Window};
 use super::{CircuitBreaker, State};
 use crate::classify::DefaultClassifier;

@@ -9,7 +9,8 @@ use loom::sync::atomic::{AtomicUsize as LoomUsize, Ordering};
 use loom::thread;
 
 use super::State;
-use super::core::{Config, Metrics, Now, Shared};
+use super::core::{Config, Now, Shared};
+use super::metrics::Metrics;
 use super::window::{CountWindow, Window};
 use crate::classify::Outcome;
 use crate::clock::{self, Instant};

@@ -173,6 +173,7 @@ mod future;
 mod layer;
 #[cfg(all(test, loom))]
 mod loom;
+mod metrics;
 mod service;
 mod spare;
 mod state;
