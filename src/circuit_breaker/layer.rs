@@ -360,7 +360,8 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
 }
 
 /// A handle to one circuit breaker: its state, snapshots, and manual control. Cheap to
-/// clone. Every method takes the breaker's lock (never held across user code).
+/// clone. Every method takes the breaker's lock briefly (events are emitted after it is
+/// released, so a listener may call the handle).
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerHandle {
     shared: Arc<Shared>,

@@ -120,7 +120,8 @@
 //! a slot whose breaker nothing else references is freed whenever the cache is full.
 //!
 //! A failure, or any outcome while the window is not clean, takes the breaker's mutex
-//! (`parking_lot`), never held across an `.await` or user code. The time-based window reads
+//! (`parking_lot`), never held across an `.await`, the classifier or an event listener
+//! (only the metrics recorder's handles are updated under it). The time-based window reads
 //! the clock and takes the mutex for every outcome (its buckets move with time); slow-call
 //! detection reads the clock at the first poll and at the end of each call. The Open path
 //! reads the clock (for the time left) and allocates its boxed error (the crate's one
