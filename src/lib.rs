@@ -6,6 +6,7 @@
 //! | layer | stops | module |
 //! |---|---|---|
 //! | timeout | a slow dependency holding callers' resources | [`timeout`] |
+//! | circuit breaker | calling a dependency that is failing | [`circuit_breaker`] |
 //!
 //! Every layer is a `tower::Layer`, usable in `tower::ServiceBuilder`, and shares the same
 //! foundations:
@@ -75,6 +76,8 @@ pub mod metrics;
 pub mod registry;
 pub mod snapshot;
 
+#[cfg(feature = "circuit-breaker")]
+pub mod circuit_breaker;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "timeout")]

@@ -89,3 +89,53 @@ mod timeout {
         );
     }
 }
+
+#[cfg(feature = "circuit-breaker")]
+mod circuit_breaker {
+    use super::*;
+    use tower_breakwater::circuit_breaker::{CircuitBreakerLayer, SlidingWindow};
+
+    fn layer(window: SlidingWindow) -> CircuitBreakerLayer {
+        CircuitBreakerLayer::builder()
+            .sliding_window(window)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn closed_happy_path_allocates_nothing_without_a_recorder() {
+        let rt = runtime();
+        for window in [
+            SlidingWindow::count_based(10),
+            SlidingWindow::consecutive_failures(3),
+            SlidingWindow::time_based(Duration::from_secs(10)),
+        ] {
+            let svc = tower::Layer::layer(&layer(window), ready_inner());
+            assert_eq!(allocs_per_call(&rt, svc, 1), 0, "{window:?}");
+            let svc = tower::Layer::layer(&layer(window), yielding_inner());
+            assert_eq!(allocs_per_call(&rt, svc, 1), 0, "{window:?}, yielding");
+        }
+    }
+
+    #[test]
+    fn closed_happy_path_allocates_nothing_with_a_recorder_and_slow_calls() {
+        let rt = runtime();
+        let rec = TestRecorder::default();
+        let layer = rec.install_while(|| {
+            CircuitBreakerLayer::builder()
+                .sliding_window(SlidingWindow::count_based(10))
+                .slow_call_rate_threshold(0.5)
+                .build()
+                .unwrap()
+        });
+        let svc = tower::Layer::layer(&layer, yielding_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0);
+        assert_eq!(
+            rec.counter(
+                "breakwater_circuit_breaker_calls_total",
+                &[("name", "default"), ("outcome", "success")]
+            ),
+            Some(100 + 3 * CALLS)
+        );
+    }
+}

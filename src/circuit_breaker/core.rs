@@ -1,0 +1,566 @@
+//! The breaker's shared state and state machine.
+//!
+//! One hot word (state, generation, clean bit) is read lock-free on every call; everything
+//! else lives behind one mutex that only the cold paths take (see the module docs of
+//! [`circuit_breaker`](super) for which paths are which). Every write to the hot word and to
+//! `open_until` happens with the mutex held, so writers are serialised and a lock-free reader
+//! only ever acts on a value that was current at the moment it read it.
+//!
+//! The clock is never read here unless a caller-provided [`Now`] is asked for it, which
+//! happens only where the semantics need a time: entering or leaving a timed state, the time
+//! window, and snapshots. The loom model drives this core with a fixed [`Now`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::State;
+use super::metrics::{Metrics, REJECTED, outcome_index};
+use super::state::Hot;
+use super::sync::{AtomicU64, Mutex, Ordering};
+use super::window::{Totals, Window, ratio};
+use crate::classify::Outcome;
+use crate::clock::{self, Instant};
+use crate::error::LayerKind;
+use crate::event::{EventKind, Events};
+use crate::snapshot::Snapshot;
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub(super) struct Config {
+    pub(super) failure_rate_threshold: f64,
+    /// `Some` turns slow-call detection on.
+    pub(super) slow_call_rate_threshold: Option<f64>,
+    pub(super) slow_call_duration: Duration,
+    /// For the rate-based windows.
+    pub(super) minimum_calls: u64,
+    pub(super) permitted_in_half_open: u64,
+    pub(super) wait_in_open: Duration,
+    /// `(multiplier, maximum)` of an exponentially growing wait.
+    pub(super) backoff: Option<(f64, Duration)>,
+    pub(super) max_time_in_half_open: Option<Duration>,
+}
+
+/// A lazily read clock: reads tokio's clock at most once, and only if asked.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Now(Option<Instant>);
+
+impl Now {
+    /// A `Now` that will read the clock when first asked.
+    pub(super) fn lazy() -> Now {
+        Now(None)
+    }
+
+    /// A `Now` fixed at `at` (already read, or a model's time).
+    pub(super) fn at(at: Instant) -> Now {
+        Now(Some(at))
+    }
+
+    pub(super) fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(clock::now)
+    }
+}
+
+/// The admission of one call: the generation it was admitted in, and whether it holds a
+/// half-open probe slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ticket {
+    pub(super) generation: u64,
+    pub(super) probe: bool,
+}
+
+/// Probe bookkeeping of one half-open period.
+#[derive(Debug, Default, Clone, Copy)]
+struct Probes {
+    in_flight: u64,
+    totals: Totals,
+}
+
+/// Everything behind the lock.
+#[derive(Debug)]
+pub(super) struct Core {
+    state: State,
+    generation: u64,
+    entered: Instant,
+    /// Milliseconds of the current period already added to the state-time counter.
+    ms_accounted: u64,
+    window: Window,
+    probes: Probes,
+    /// Totals that caused the last trip, shown by snapshots while Open.
+    tripped: Totals,
+    /// Trips since the breaker was last Closed (1 in the first Open period).
+    trips: u32,
+    /// End of the wait in Open; `None` when too far to represent.
+    open_until: Option<Instant>,
+}
+
+/// Transitions made under the lock, emitted as events once it is released.
+#[derive(Debug, Default)]
+pub(super) struct Transitions {
+    list: [Option<(State, State)>; 3],
+}
+
+impl Transitions {
+    fn push(&mut self, from: State, to: State) {
+        if let Some(slot) = self.list.iter_mut().find(|s| s.is_none()) {
+            *slot = Some((from, to));
+        }
+    }
+}
+
+/// State shared by a layer, its services, their futures and handles.
+#[derive(Debug)]
+pub(super) struct Shared {
+    hot: AtomicU64,
+    /// Nanoseconds from `origin` to the end of the wait in Open; valid while the hot word
+    /// says Open.
+    open_until: AtomicU64,
+    origin: Instant,
+    core: Mutex<Core>,
+    pub(super) cfg: Config,
+    pub(super) name: Arc<str>,
+    metrics: Metrics,
+    pub(super) events: Events,
+    rejected: AtomicU64,
+    /// Calls need a start time (slow-call detection or duration histograms).
+    pub(super) timed: bool,
+}
+
+impl Shared {
+    pub(super) fn new(
+        cfg: Config,
+        window: Window,
+        name: Arc<str>,
+        metrics: Metrics,
+        events: Events,
+        origin: Instant,
+    ) -> Shared {
+        let timed = cfg.slow_call_rate_threshold.is_some() || metrics.durations.is_some();
+        let clean = window.clean();
+        metrics.set_state(State::Closed);
+        metrics.set_rates(&Totals::default());
+        Shared {
+            hot: AtomicU64::new(Hot::new(State::Closed, 0, clean).0),
+            open_until: AtomicU64::new(0),
+            origin,
+            core: Mutex::new(Core {
+                state: State::Closed,
+                generation: 0,
+                entered: origin,
+                ms_accounted: 0,
+                window,
+                probes: Probes::default(),
+                tripped: Totals::default(),
+                trips: 0,
+                open_until: None,
+            }),
+            cfg,
+            name,
+            metrics,
+            events,
+            rejected: AtomicU64::new(0),
+            timed,
+        }
+    }
+
+    // ---- per call -------------------------------------------------------------------------
+
+    /// Admits a call, or returns the time left in Open (`None` where unknown) for a rejection.
+    ///
+    /// Closed and Disabled: one atomic load. ForcedOpen: one load. Open: one load and a clock
+    /// read, the lock only once the wait has passed. HalfOpen: the lock.
+    #[inline]
+    pub(super) fn admit(&self) -> Result<Ticket, Option<Duration>> {
+        let hot = Hot(self.hot.load(Ordering::Acquire));
+        match hot.state() {
+            State::Closed | State::Disabled => Ok(Ticket {
+                generation: hot.generation(),
+                probe: false,
+            }),
+            State::ForcedOpen => Err(None),
+            State::Open => {
+                let now = clock::now();
+                let until = self.open_until.load(Ordering::Relaxed);
+                let since = self.nanos_since_origin(now);
+                if since < until {
+                    return Err(Some(Duration::from_nanos(until - since)));
+                }
+                self.admit_slow(&mut Now::at(now))
+            }
+            State::HalfOpen => self.admit_slow(&mut Now::lazy()),
+        }
+    }
+
+    fn nanos_since_origin(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    #[cold]
+    pub(super) fn admit_slow(&self, now: &mut Now) -> Result<Ticket, Option<Duration>> {
+        let mut out = Transitions::default();
+        let result = {
+            let mut core = self.core.lock();
+            self.apply_due(&mut core, now, &mut out);
+            match core.state {
+                State::Closed | State::Disabled => Ok(Ticket {
+                    generation: core.generation,
+                    probe: false,
+                }),
+                State::Open => Err(core
+                    .open_until
+                    .map(|u| u.saturating_duration_since(now.get()))),
+                State::ForcedOpen => Err(None),
+                State::HalfOpen => {
+                    let p = &mut core.probes;
+                    if p.in_flight + p.totals.calls < self.cfg.permitted_in_half_open {
+                        p.in_flight += 1;
+                        Ok(Ticket {
+                            generation: core.generation,
+                            probe: true,
+                        })
+                    } else {
+                        Err(None)
+                    }
+                }
+            }
+        };
+        self.emit(out);
+        result
+    }
+
+    /// Counts a rejected call (metrics, snapshot, event).
+    pub(super) fn rejected(&self, retry_after: Option<Duration>) {
+        self.metrics.calls[REJECTED].increment(1);
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        self.events.emit(|| EventKind::Rejected {
+            kind: crate::error::ErrorKind::CircuitOpen,
+            retry_after,
+        });
+    }
+
+    fn is_slow(&self, elapsed: Option<Duration>) -> bool {
+        self.cfg.slow_call_rate_threshold.is_some()
+            && elapsed.is_some_and(|e| e > self.cfg.slow_call_duration)
+    }
+
+    /// Records the outcome of a finished call. `elapsed` is `Some` when the call was timed.
+    ///
+    /// A fast success in a Closed breaker whose window is clean, in the generation it was
+    /// admitted in, touches nothing shared (one atomic load); an ignored or stale outcome of
+    /// a non-probe call neither.
+    #[inline]
+    pub(super) fn complete(&self, t: Ticket, outcome: Outcome, elapsed: Option<Duration>) {
+        let idx = outcome_index(outcome);
+        self.metrics.calls[idx].increment(1);
+        if let (Some(h), Some(d)) = (&self.metrics.durations, elapsed) {
+            h[idx].record(d.as_secs_f64());
+        }
+        let slow = self.is_slow(elapsed);
+        if slow {
+            self.metrics.slow_calls.increment(1);
+        }
+        if !t.probe {
+            let word = self.hot.load(Ordering::Acquire);
+            if outcome == Outcome::Success && !slow && word == Hot::closed_clean(t.generation) {
+                return;
+            }
+            let hot = Hot(word);
+            if outcome == Outcome::Ignored
+                || hot.generation() != t.generation
+                || hot.state() != State::Closed
+            {
+                return;
+            }
+        }
+        self.record(t, outcome, slow, &mut Now::lazy());
+    }
+
+    /// A call whose future was dropped before it finished: it frees its probe slot, and with
+    /// slow-call detection on, a call cancelled after running longer than the slow-call
+    /// duration is recorded as a slow call that is not a failure.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn cancel(&self, t: Ticket, elapsed: Option<Duration>) {
+        let slow = self.is_slow(elapsed);
+        if slow {
+            self.metrics.slow_calls.increment(1);
+        }
+        if !t.probe && !slow {
+            return;
+        }
+        let outcome = if slow {
+            Outcome::Success
+        } else {
+            Outcome::Ignored
+        };
+        self.record(t, outcome, slow, &mut Now::lazy());
+    }
+
+    #[cold]
+    pub(super) fn record(&self, t: Ticket, outcome: Outcome, slow: bool, now: &mut Now) {
+        let mut out = Transitions::default();
+        {
+            let mut core = self.core.lock();
+            self.record_locked(&mut core, t, outcome, slow, now, &mut out);
+        }
+        self.emit(out);
+    }
+
+    fn record_locked(
+        &self,
+        core: &mut Core,
+        t: Ticket,
+        outcome: Outcome,
+        slow: bool,
+        now: &mut Now,
+        out: &mut Transitions,
+    ) {
+        if t.generation != core.generation {
+            return; // admitted in an earlier state period
+        }
+        let failure = outcome == Outcome::Failure;
+        match core.state {
+            State::Closed if outcome != Outcome::Ignored => {
+                core.window.record(failure, slow, || now.get());
+                let totals = core.window.totals(|| now.get());
+                self.metrics.set_rates(&totals);
+                if self.trips_closed(&core.window, &totals) {
+                    core.tripped = totals;
+                    self.transition(core, State::Open, now, out);
+                } else {
+                    self.publish(core);
+                }
+            }
+            State::HalfOpen if t.probe => {
+                core.probes.in_flight -= 1;
+                if self.half_open_expired(core, now) {
+                    core.tripped = core.probes.totals;
+                    self.transition(core, State::Open, now, out);
+                    return;
+                }
+                if outcome == Outcome::Ignored {
+                    return;
+                }
+                let p = &mut core.probes.totals;
+                p.calls += 1;
+                p.failures += u64::from(failure);
+                p.slow += u64::from(slow);
+                let p = *p;
+                self.metrics.set_rates(&p);
+                match self.decide_half_open(&p) {
+                    Some(State::Open) => {
+                        core.tripped = p;
+                        self.transition(core, State::Open, now, out);
+                    }
+                    Some(to) => self.transition(core, to, now, out),
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The trip condition in Closed, evaluated after every recorded outcome.
+    fn trips_closed(&self, window: &Window, t: &Totals) -> bool {
+        match window {
+            Window::Consecutive { limit, run } => run >= limit,
+            _ => {
+                t.calls >= self.cfg.minimum_calls
+                    && (t.failure_rate() >= self.cfg.failure_rate_threshold
+                        || self
+                            .cfg
+                            .slow_call_rate_threshold
+                            .is_some_and(|s| t.slow_rate() >= s))
+            }
+        }
+    }
+
+    /// Decides a half-open period as soon as its result is certain: Open once the failures
+    /// (or slow calls) among the N permitted probes reach the threshold whatever the rest do;
+    /// Closed once they cannot reach it even if every remaining probe fails (or is slow).
+    fn decide_half_open(&self, p: &Totals) -> Option<State> {
+        let n = self.cfg.permitted_in_half_open;
+        let remaining = n - p.calls;
+        let slow_t = self.cfg.slow_call_rate_threshold;
+        let reached = |bad: u64, t: f64| ratio(bad, n) >= t;
+        if reached(p.failures, self.cfg.failure_rate_threshold)
+            || slow_t.is_some_and(|t| reached(p.slow, t))
+        {
+            Some(State::Open)
+        } else if !reached(p.failures + remaining, self.cfg.failure_rate_threshold)
+            && !slow_t.is_some_and(|t| reached(p.slow + remaining, t))
+        {
+            Some(State::Closed)
+        } else {
+            None
+        }
+    }
+
+    fn half_open_expired(&self, core: &Core, now: &mut Now) -> bool {
+        self.cfg
+            .max_time_in_half_open
+            .is_some_and(|max| now.get().saturating_duration_since(core.entered) >= max)
+    }
+
+    /// Applies a transition that time has made due: Open past its wait to HalfOpen, HalfOpen
+    /// past its maximum time to Open.
+    fn apply_due(&self, core: &mut Core, now: &mut Now, out: &mut Transitions) {
+        if core.state == State::Open && core.open_until.is_some_and(|u| now.get() >= u) {
+            self.transition(core, State::HalfOpen, now, out);
+        } else if core.state == State::HalfOpen && self.half_open_expired(core, now) {
+            core.tripped = core.probes.totals;
+            self.transition(core, State::Open, now, out);
+        }
+    }
+
+    /// The wait of the `trips`-th consecutive Open period.
+    fn wait(&self, trips: u32) -> Duration {
+        let base = self.cfg.wait_in_open;
+        match self.cfg.backoff {
+            None => base,
+            Some((multiplier, max)) => {
+                let exp = i32::try_from(trips.saturating_sub(1)).unwrap_or(i32::MAX);
+                let secs = base.as_secs_f64() * multiplier.powi(exp);
+                if secs >= max.as_secs_f64() {
+                    max
+                } else {
+                    Duration::from_secs_f64(secs).min(max)
+                }
+            }
+        }
+    }
+
+    /// Moves to `to` (a new generation), bringing the metrics up to date.
+    fn transition(&self, core: &mut Core, to: State, now: &mut Now, out: &mut Transitions) {
+        let now = now.get();
+        let from = core.state;
+        self.account(core, now);
+        core.entered = now;
+        core.ms_accounted = 0;
+        core.state = to;
+        core.generation += 1;
+        match to {
+            State::Closed => {
+                core.window.reset();
+                core.trips = 0;
+                self.metrics.set_rates(&Totals::default());
+            }
+            State::Open => {
+                core.trips = core.trips.saturating_add(1);
+                let until = now.checked_add(self.wait(core.trips));
+                core.open_until = until;
+                let nanos = until.map_or(u64::MAX, |u| self.nanos_since_origin(u));
+                self.open_until.store(nanos, Ordering::Relaxed);
+            }
+            State::HalfOpen => {
+                core.probes = Probes::default();
+                self.metrics.set_rates(&Totals::default());
+            }
+            State::ForcedOpen | State::Disabled => {}
+        }
+        if from != to {
+            self.metrics.transitions[from.index()][to.index()].increment(1);
+            out.push(from, to);
+        }
+        self.metrics.set_state(to);
+        self.publish(core);
+    }
+
+    /// Stores the hot word for the core's current state.
+    fn publish(&self, core: &Core) {
+        let clean = core.state == State::Closed && core.window.clean();
+        let word = Hot::new(core.state, core.generation, clean).0;
+        if self.hot.load(Ordering::Relaxed) != word {
+            self.hot.store(word, Ordering::Release);
+        }
+    }
+
+    /// Adds the time spent in the current state since it was last accounted.
+    fn account(&self, core: &mut Core, now: Instant) {
+        let total = u64::try_from(now.saturating_duration_since(core.entered).as_millis())
+            .unwrap_or(u64::MAX);
+        let delta = total.saturating_sub(core.ms_accounted);
+        if delta > 0 {
+            self.metrics.state_time[core.state.index()].increment(delta);
+            core.ms_accounted = total;
+        }
+    }
+
+    fn emit(&self, out: Transitions) {
+        for (from, to) in out.list.into_iter().flatten() {
+            self.events.emit(|| EventKind::StateTransition {
+                from: from.as_str(),
+                to: to.as_str(),
+            });
+        }
+    }
+
+    // ---- handle ---------------------------------------------------------------------------
+
+    /// The current state, after applying a transition that time has made due.
+    pub(super) fn state(&self, now: &mut Now) -> State {
+        let mut out = Transitions::default();
+        let state = {
+            let mut core = self.core.lock();
+            self.apply_due(&mut core, now, &mut out);
+            core.state
+        };
+        self.emit(out);
+        state
+    }
+
+    /// Moves to `to` through the handle (a no-op when already there, except that a reset of
+    /// a Closed breaker still clears its window).
+    pub(super) fn force(&self, to: State, now: &mut Now) {
+        let mut out = Transitions::default();
+        {
+            let mut core = self.core.lock();
+            if core.state != to || to == State::Closed {
+                self.transition(&mut core, to, now, &mut out);
+            }
+        }
+        self.emit(out);
+    }
+
+    /// Probe slots in use (in flight plus recorded) in the current half-open period.
+    #[cfg(loom)]
+    pub(super) fn probes_taken(&self) -> u64 {
+        let core = self.core.lock();
+        core.probes.in_flight + core.probes.totals.calls
+    }
+
+    pub(super) fn snapshot(&self, now: &mut Now) -> Snapshot {
+        let mut out = Transitions::default();
+        let snap = {
+            let mut core = self.core.lock();
+            self.apply_due(&mut core, now, &mut out);
+            let at = now.get();
+            self.account(&mut core, at);
+            let totals = match core.state {
+                State::HalfOpen => core.probes.totals,
+                State::Open => core.tripped,
+                _ => core.window.totals(|| at),
+            };
+            if matches!(core.state, State::Closed) {
+                self.metrics.set_rates(&totals);
+            }
+            let in_state = at.saturating_duration_since(core.entered);
+            Snapshot::new(LayerKind::CircuitBreaker, &self.name)
+                .with_state(core.state.as_str())
+                .with_gauge("failure_rate", totals.failure_rate())
+                .with_gauge("slow_call_rate", totals.slow_rate())
+                .with_gauge("calls_in_window", totals.calls as f64)
+                .with_gauge("time_in_state_seconds", in_state.as_secs_f64())
+                .with_gauge(
+                    "probes_in_flight",
+                    if core.state == State::HalfOpen {
+                        core.probes.in_flight as f64
+                    } else {
+                        0.0
+                    },
+                )
+                .with_counter("rejected", self.rejected.load(Ordering::Relaxed))
+        };
+        self.emit(out);
+        snap
+    }
+}

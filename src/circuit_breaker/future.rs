@@ -1,0 +1,197 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tower::Service;
+
+use super::core::{Shared, Ticket};
+use crate::classify::{Classify, Outcome};
+use crate::clock::{self, Instant};
+use crate::error::BoxError;
+
+/// The admission of one call, held by its response future until the call finishes. Dropped
+/// unfinished (the caller cancelled, an outer timeout fired, the inner future panicked), it
+/// frees the call's half-open probe slot at once, and records a slow call where the call
+/// already ran longer than the slow-call duration.
+pub(super) struct Guard {
+    /// `Some` until dropped; see [`spare`](super::spare).
+    shared: Option<Arc<Shared>>,
+    ticket: Ticket,
+    started: Option<Instant>,
+    armed: bool,
+}
+
+impl Guard {
+    /// Takes a reference to `shared` (from the thread's spare cache when it has one).
+    #[inline]
+    pub(super) fn new(shared: &Arc<Shared>, ticket: Ticket) -> Guard {
+        Guard {
+            shared: Some(super::spare::acquire(shared)),
+            ticket,
+            started: None,
+            armed: true,
+        }
+    }
+
+    #[inline]
+    fn shared(&self) -> &Shared {
+        self.shared.as_ref().expect("present until dropped")
+    }
+
+    #[inline]
+    fn start(&mut self) {
+        if self.started.is_none() && self.shared().timed {
+            self.started = Some(clock::now());
+        }
+    }
+
+    #[inline]
+    fn elapsed(&self) -> Option<Duration> {
+        self.started
+            .map(|s| clock::now().saturating_duration_since(s))
+    }
+
+    #[inline]
+    fn finish(&mut self, outcome: Outcome) {
+        self.armed = false;
+        let elapsed = self.elapsed();
+        self.shared().complete(self.ticket, outcome, elapsed);
+    }
+}
+
+impl Drop for Guard {
+    #[inline]
+    fn drop(&mut self) {
+        if self.armed {
+            self.armed = false;
+            let elapsed = self.elapsed();
+            self.shared().cancel(self.ticket, elapsed);
+        }
+        if let Some(shared) = self.shared.take() {
+            super::spare::release(shared);
+        }
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<S, Req, F> {
+        // Admitted; waiting for the inner clone to be ready. `req` is taken when it is.
+        Ready { svc: S, req: Option<Req> },
+        Called { #[pin] fut: F },
+        Rejected { err: Option<BoxError> },
+        Done,
+    }
+}
+
+pin_project! {
+    /// The response future of [`CircuitBreaker`](super::CircuitBreaker).
+    ///
+    /// Resolves to the inner response, the inner error (boxed), or, for a call the breaker
+    /// did not permit, a [`BreakwaterError`](crate::error::BreakwaterError) of kind
+    /// [`CircuitOpen`](crate::error::ErrorKind::CircuitOpen) (decided in `call`; the inner
+    /// service is then never touched). Dropping it before it finishes frees the call's
+    /// half-open probe slot at once.
+    ///
+    /// # Panics
+    ///
+    /// When polled again after it returned `Ready`.
+    pub struct ResponseFuture<S, Req, C>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        kind: Kind<S, Req, S::Future>,
+        guard: Option<Guard>,
+        classifier: C,
+    }
+}
+
+impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("admitted", &self.guard.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
+    pub(super) fn admitted(svc: S, req: Req, guard: Guard, classifier: C) -> Self {
+        ResponseFuture {
+            kind: Kind::Ready {
+                svc,
+                req: Some(req),
+            },
+            guard: Some(guard),
+            classifier,
+        }
+    }
+
+    pub(super) fn rejected(err: BoxError, classifier: C) -> Self {
+        ResponseFuture {
+            kind: Kind::Rejected { err: Some(err) },
+            guard: None,
+            classifier,
+        }
+    }
+}
+
+impl<S, Req, C> Future for ResponseFuture<S, Req, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let result = loop {
+            match this.kind.as_mut().project() {
+                KindProj::Ready { svc, req } => {
+                    if let Some(g) = this.guard.as_mut() {
+                        g.start();
+                    }
+                    match svc.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            let req = req.take().expect("request present until called");
+                            let fut = svc.call(req);
+                            this.kind.set(Kind::Called { fut });
+                        }
+                        Poll::Ready(Err(e)) => break e.into(),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                KindProj::Called { fut } => match fut.poll(cx) {
+                    Poll::Ready(Ok(res)) => {
+                        this.kind.set(Kind::Done);
+                        let outcome = this.classifier.classify(Ok(&res));
+                        if let Some(g) = this.guard.as_mut() {
+                            g.finish(outcome);
+                        }
+                        return Poll::Ready(Ok(res));
+                    }
+                    Poll::Ready(Err(e)) => break e.into(),
+                    Poll::Pending => return Poll::Pending,
+                },
+                KindProj::Rejected { err } => {
+                    let err = err.take().expect("error present until returned");
+                    this.kind.set(Kind::Done);
+                    return Poll::Ready(Err(err));
+                }
+                KindProj::Done => panic!("CircuitBreaker ResponseFuture polled after completion"),
+            }
+        };
+        this.kind.set(Kind::Done);
+        let outcome = this.classifier.classify(Err(&result));
+        if let Some(g) = this.guard.as_mut() {
+            g.finish(outcome);
+        }
+        Poll::Ready(Err(result))
+    }
+}
