@@ -6,6 +6,7 @@
 //! | layer | stops | module |
 //! |---|---|---|
 //! | timeout | a slow dependency holding callers' resources | [`timeout`] |
+//! | rate limiter (GCRA, shared or keyed) | overwhelming an external API; one client starving others | [`rate_limit`] |
 //!
 //! Every layer is a `tower::Layer`, usable in `tower::ServiceBuilder`, and shares the same
 //! foundations:
@@ -75,6 +76,9 @@ pub mod snapshot;
 
 #[cfg(feature = "timeout")]
 pub mod timeout;
+
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 
 pub use config::ConfigError;
 pub use error::{BoxError, BreakwaterError};
