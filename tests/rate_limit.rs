@@ -406,7 +406,10 @@ async fn tracked_keys_return_to_zero_after_all_keys_go_idle_and_recover() {
     assert_eq!(handle.tracked_keys(), 0);
     assert_eq!(gauge(), Some(0.0));
     // A swept key comes back fully recovered: its whole burst is available.
-    assert_eq!(outcomes(&mut svc, &[7, 7, 7, 7]).await, vec![OK, OK, OK, LIMITED]);
+    assert_eq!(
+        outcomes(&mut svc, &[7, 7, 7, 7]).await,
+        vec![OK, OK, OK, LIMITED]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -436,6 +439,32 @@ async fn calls_sweep_recovered_keys_after_the_sweep_interval_without_any_read() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_insert_that_doubles_the_key_count_sweeps() {
+    let rec = TestRecorder::default();
+    // T = 10 ms, burst 1; the scheduled sweep (1 s) never comes due in this test.
+    let layer = rec.install_while(|| {
+        RateLimitLayer::builder()
+            .rate(1, Duration::from_millis(10))
+            .burst(1)
+            .keyed(|x: &u32| *x)
+            .build()
+            .unwrap()
+    });
+    let gauge = || rec.gauge(KEYS, &[("name", "default")]);
+    let (_, inner) = recorder(Instant::now());
+    let mut svc = layer.layer(inner);
+    // The 1,024th key triggers a sweep at t = 0: nothing has recovered yet.
+    outcomes(&mut svc, &(0..1_024).collect::<Vec<_>>()).await;
+    assert_eq!(gauge(), Some(1_024.0));
+    advance(Duration::from_millis(10)).await;
+    // Keys 0..1024 recovered at 10 ms; the 2,048th key doubles the count and sweeps them.
+    outcomes(&mut svc, &(1_024..2_047).collect::<Vec<_>>()).await;
+    assert_eq!(gauge(), Some(2_047.0));
+    outcomes(&mut svc, &[2_047]).await;
+    assert_eq!(gauge(), Some(1_024.0));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_key_beyond_max_keys_is_rejected_with_its_own_reason() {
     let rec = TestRecorder::default();
     let events = Arc::new(Mutex::new(Vec::new()));
@@ -457,7 +486,11 @@ async fn a_new_key_beyond_max_keys_is_rejected_with_its_own_reason() {
         outcomes(&mut svc, &[1, 2, 3, 1, 2, 3]).await,
         vec![OK, OK, FULL, LIMITED, LIMITED, FULL]
     );
-    assert_eq!(times.lock().unwrap().len(), 2, "rejections never reach the inner service");
+    assert_eq!(
+        times.lock().unwrap().len(),
+        2,
+        "rejections never reach the inner service"
+    );
     let err = svc.ready().await.unwrap().call(4).await.unwrap_err();
     assert_eq!(rejection(&err), (ErrorKind::TooManyKeys, None));
     assert!(err.to_string().contains("maximum number of keys"), "{err}");
@@ -533,7 +566,10 @@ async fn one_layer_applied_to_several_services_shares_one_limiter() {
     let mut a = keyed.layer(inner.clone());
     let mut b = keyed.clone().layer(inner).clone();
     assert_eq!(outcomes(&mut a, &[1, 2]).await, vec![OK, OK]);
-    assert_eq!(outcomes(&mut b, &[1, 2, 3]).await, vec![LIMITED, LIMITED, OK]);
+    assert_eq!(
+        outcomes(&mut b, &[1, 2, 3]).await,
+        vec![LIMITED, LIMITED, OK]
+    );
     assert_eq!(keyed.handle().tracked_keys(), 3);
 }
 
@@ -545,7 +581,10 @@ fn invalid_configuration_is_a_config_error_naming_the_field() {
         e.field()
     };
     assert_eq!(field(RateLimitLayer::builder().build()), "rate");
-    assert_eq!(field(RateLimitLayer::new(0, Duration::from_secs(1))), "rate");
+    assert_eq!(
+        field(RateLimitLayer::new(0, Duration::from_secs(1))),
+        "rate"
+    );
     assert_eq!(field(RateLimitLayer::new(1, Duration::ZERO)), "rate");
     assert_eq!(field(RateLimitLayer::new(1, Duration::MAX)), "rate");
     let b = || RateLimitLayer::builder().rate(1, Duration::from_secs(1));
@@ -564,8 +603,13 @@ fn invalid_configuration_is_a_config_error_naming_the_field() {
     let e = RateLimitLayer::builder().build().unwrap_err();
     assert_eq!(e.value(), "<unset>");
     // Defaults: burst = the rate's count; T rounded up to whole nanoseconds.
-    let h = RateLimitLayer::new(7, Duration::from_secs(1)).unwrap().handle();
-    assert_eq!((h.burst(), h.emission_interval()), (7, Duration::from_nanos(142_857_143)));
+    let h = RateLimitLayer::new(7, Duration::from_secs(1))
+        .unwrap()
+        .handle();
+    assert_eq!(
+        (h.burst(), h.emission_interval()),
+        (7, Duration::from_nanos(142_857_143))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,7 +633,11 @@ async fn multi_thread_services_and_clones_share_one_limiter() {
         let rejected = rejected.clone();
         tasks.push(tokio::spawn(async move {
             for j in 0..100 {
-                let svc = if j % 2 == 0 { svc.clone() } else { svc.clone().clone() };
+                let svc = if j % 2 == 0 {
+                    svc.clone()
+                } else {
+                    svc.clone().clone()
+                };
                 if svc.oneshot(i).await.is_err() {
                     rejected.incr();
                 }
