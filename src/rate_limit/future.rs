@@ -70,12 +70,25 @@ impl Drop for Waiter {
 }
 
 pin_project! {
+    // A waiter's timer, inner clone and request. Boxed (one allocation per call that waits,
+    // for at least a millisecond) so that the response future of calls admitted at once
+    // stays small: a timer is over 100 bytes, moved with the future on every call.
+    struct Wait<S, Req> {
+        #[pin]
+        sleep: Sleep,
+        svc: Option<S>,
+        req: Option<Req>,
+        waiter: Waiter,
+    }
+}
+
+pin_project! {
     #[project = StateProj]
     enum State<S, Req, F> {
         // Rejected in `call`; the error is returned on the first poll.
-        Rejected { err: Option<BreakwaterError> },
+        Rejected { err: Option<BoxError> },
         // Slot reserved at a later emission time.
-        Waiting { #[pin] sleep: Sleep, svc: Option<S>, req: Option<Req>, waiter: Waiter },
+        Waiting { wait: Pin<Box<Wait<S, Req>>> },
         // Admitted: driving the inner clone's readiness; `req` is taken when it is ready.
         Ready { svc: S, req: Option<Req> },
         Called { #[pin] fut: F },
@@ -133,19 +146,22 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     }
 
     pub(super) fn waiting(sleep: Sleep, svc: S, req: Req, waiter: Waiter) -> Self {
+        let wait = Box::pin(Wait {
+            sleep,
+            svc: Some(svc),
+            req: Some(req),
+            waiter,
+        });
         ResponseFuture {
-            state: State::Waiting {
-                sleep,
-                svc: Some(svc),
-                req: Some(req),
-                waiter,
-            },
+            state: State::Waiting { wait },
         }
     }
 
     pub(super) fn rejected(err: BreakwaterError) -> Self {
         ResponseFuture {
-            state: State::Rejected { err: Some(err) },
+            state: State::Rejected {
+                err: Some(Box::new(err)),
+            },
         }
     }
 }
@@ -175,16 +191,12 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(out.map_err(Into::into));
                 }
-                StateProj::Waiting {
-                    sleep,
-                    svc,
-                    req,
-                    waiter,
-                } => {
-                    ready!(sleep.poll(cx));
-                    waiter.admit();
-                    let svc = svc.take().expect("service present until admitted");
-                    let req = req.take().expect("request present until admitted");
+                StateProj::Waiting { wait } => {
+                    let w = wait.as_mut().project();
+                    ready!(w.sleep.poll(cx));
+                    w.waiter.admit();
+                    let svc = w.svc.take().expect("service present until admitted");
+                    let req = w.req.take().expect("request present until admitted");
                     this.state.set(State::Ready {
                         svc,
                         req: Some(req),
@@ -193,7 +205,7 @@ where
                 StateProj::Rejected { err } => {
                     let err = err.take().expect("error present until returned");
                     this.state.set(State::Done);
-                    return Poll::Ready(Err(Box::new(err)));
+                    return Poll::Ready(Err(err));
                 }
                 StateProj::Done => panic!("RateLimit ResponseFuture polled after completion"),
             }
