@@ -78,6 +78,10 @@
 //!   the order of their calls), and its response future sleeps until the emission time.
 //!   tokio's timers have millisecond resolution: a waiter is admitted at the first
 //!   millisecond tick at or after its emission time, never before it.
+//! - **Cost.** A call admitted at once reads the clock once, does one CAS and allocates
+//!   nothing. A call that waits allocates once (its timer, boxed so that the response future
+//!   of every other call stays small); it sleeps at least until the next millisecond tick
+//!   anyway. A rejection allocates its boxed error.
 //!
 //! # Dropped waiters
 //!
@@ -121,7 +125,9 @@
 //!   own metric outcome). A tracked key is never evicted to make room: that would let one
 //!   caller reset another's limit. Recovered keys free their place at the next sweep.
 //! - **Cost.** A call with a tracked key: hashing the key, a shard read lock, one CAS, no
-//!   allocation. A new key: a shard write lock and one allocation (its state).
+//!   allocation. A new key: a shard write lock and one allocation (its state). Keys are
+//!   hashed with the standard library's randomly seeded SipHash, which resists hash flooding
+//!   by clients that choose their own keys.
 //!
 //! # Admission, `poll_ready` and `Clone`
 //!
