@@ -544,6 +544,33 @@ async fn keyed_waiters_wait_per_key_and_give_slots_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_key_is_not_swept_while_it_has_not_recovered_even_with_only_waiters_left() {
+    let layer = RateLimitLayer::builder()
+        .rate(1, Duration::from_millis(100))
+        .burst(1)
+        .max_wait(Duration::from_secs(1))
+        .keyed(|x: &u32| *x)
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = layer.layer(inner);
+    call(&mut svc, 1).await.await.unwrap();
+    let waiter = tokio::spawn(call(&mut svc, 1).await); // emission 100 ms, TAT 200 ms
+    // Sleeping (not `advance`) lets the waiter run at its own tick on the paused clock.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(waiter.is_finished());
+    assert_eq!(layer.handle().tracked_keys(), 1);
+    waiter.await.unwrap().unwrap();
+    // A third call at 150 ms waits for 200 ms: the key's state was kept.
+    call(&mut svc, 1).await.await.unwrap();
+    let ms = Duration::from_millis;
+    assert_eq!(*times.lock().unwrap(), vec![ms(0), ms(100), ms(200)]);
+    advance(Duration::from_millis(100)).await;
+    assert_eq!(layer.handle().tracked_keys(), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn one_layer_applied_to_several_services_shares_one_limiter() {
     let layer = RateLimitLayer::new(3, Duration::from_secs(1)).unwrap();
     let (times, inner) = recorder(Instant::now());
