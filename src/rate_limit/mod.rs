@@ -173,15 +173,14 @@
 //! before it could give back, and a give-back to a cell removed later has no effect on
 //! anyone. The key count is changed only under the shard write lock of the key concerned.
 
+mod builder;
 mod future;
 mod gcra;
 mod keyed;
 mod layer;
 mod service;
 
+pub use builder::{DEFAULT_SWEEP_INTERVAL, Direct, Keyed, RateLimitBuilder};
 pub use future::ResponseFuture;
-pub use layer::{
-    DEFAULT_SWEEP_INTERVAL, Direct, Keyed, KeyedRateLimitLayer, RateLimitBuilder, RateLimitHandle,
-    RateLimitLayer,
-};
+pub use layer::{KeyedRateLimitLayer, RateLimitHandle, RateLimitLayer};
 pub use service::{KeyedRateLimit, RateLimit};
