@@ -601,6 +601,29 @@ async fn one_layer_applied_to_several_services_shares_one_limiter() {
 }
 
 #[test]
+fn calls_need_no_runtime_context_even_when_they_wait() {
+    let layer = waiting_layer();
+    let calls = Count::default();
+    let c = calls.clone();
+    let mut svc = layer.layer(service_fn(move |x: u32| {
+        c.incr();
+        std::future::ready(Ok::<_, BoxError>(x))
+    }));
+    // Outside any runtime: the second call reserves a slot 100 ms later.
+    let first = svc.call(1);
+    let second = svc.call(2);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(first).unwrap(), 1);
+    assert_eq!(rt.block_on(second).unwrap(), 2);
+    assert_eq!(calls.get(), 2);
+    assert_eq!(layer.handle().snapshot().counter("waited"), Some(1));
+}
+
+#[test]
 fn invalid_configuration_is_a_config_error_naming_the_field() {
     let field = |r: Result<RateLimitLayer, tower_breakwater::ConfigError>| {
         let e = r.unwrap_err();

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use super::gcra::Cell;
@@ -70,12 +70,21 @@ impl Drop for Waiter {
 }
 
 pin_project! {
+    // Armed on the first poll, so that `call` needs no runtime context.
+    #[project = TimerProj]
+    enum Timer {
+        Unarmed { deadline: Instant },
+        Armed { #[pin] sleep: Sleep },
+    }
+}
+
+pin_project! {
     // A waiter's timer, inner clone and request. Boxed (one allocation per call that waits,
     // for at least a millisecond) so that the response future of calls admitted at once
     // stays small: a timer is over 100 bytes, moved with the future on every call.
     struct Wait<S, Req> {
         #[pin]
-        sleep: Sleep,
+        timer: Timer,
         svc: Option<S>,
         req: Option<Req>,
         waiter: Waiter,
@@ -145,9 +154,9 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
-    pub(super) fn waiting(sleep: Sleep, svc: S, req: Req, waiter: Waiter) -> Self {
+    pub(super) fn waiting(deadline: Instant, svc: S, req: Req, waiter: Waiter) -> Self {
         let wait = Box::pin(Wait {
-            sleep,
+            timer: Timer::Unarmed { deadline },
             svc: Some(svc),
             req: Some(req),
             waiter,
@@ -192,8 +201,14 @@ where
                     return Poll::Ready(out.map_err(Into::into));
                 }
                 StateProj::Waiting { wait } => {
-                    let w = wait.as_mut().project();
-                    ready!(w.sleep.poll(cx));
+                    let mut w = wait.as_mut().project();
+                    if let TimerProj::Unarmed { deadline } = w.timer.as_mut().project() {
+                        let sleep = tokio::time::sleep_until(*deadline);
+                        w.timer.set(Timer::Armed { sleep });
+                    }
+                    if let TimerProj::Armed { sleep } = w.timer.project() {
+                        ready!(sleep.poll(cx));
+                    }
                     w.waiter.admit();
                     let svc = w.svc.take().expect("service present until admitted");
                     let req = w.req.take().expect("request present until admitted");

@@ -124,12 +124,7 @@ impl Core {
                     .checked_add(Duration::from_nanos(emission))
                     .unwrap_or_else(far_future);
                 let waiter = Waiter::new(self.clone(), cell, tat, t);
-                ResponseFuture::waiting(
-                    tokio::time::sleep_until(deadline),
-                    svc.clone(),
-                    req,
-                    waiter,
-                )
+                ResponseFuture::waiting(deadline, svc.clone(), req, waiter)
             }
             Decision::Reject { wait } => self.reject(
                 ErrorKind::RateLimited,
