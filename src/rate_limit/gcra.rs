@@ -1,7 +1,11 @@
 //! The GCRA arithmetic on one `AtomicU64` holding the theoretical arrival time (TAT), in
 //! nanoseconds since the limiter's base instant. See the [module docs](super#the-algorithm).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(all(loom, test))]
+use loom::sync::atomic::AtomicU64;
+#[cfg(not(all(loom, test)))]
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 
 /// The parameters of one limiter, all in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +102,7 @@ impl Gcra {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
@@ -155,5 +159,87 @@ mod tests {
         assert!(c.give_back(&g, 50));
         assert!(c.give_back(&g, 40));
         assert_eq!(c.tat(), 30);
+    }
+}
+
+/// Model checks of the CAS protocol under every interleaving (loom):
+/// `RUSTFLAGS="--cfg loom" cargo test --lib --features rate-limit rate_limit::gcra::loom`.
+#[cfg(all(test, loom))]
+mod loom_checks {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    const G: Gcra = Gcra {
+        interval: 10,
+        tau: 0,
+        max_wait: 100,
+    };
+
+    /// Two concurrent calls at the same instant with burst 1: one is admitted now, the other
+    /// is given the next emission time; never both now, never the same slot.
+    #[test]
+    fn concurrent_reservations_take_distinct_slots() {
+        loom::model(|| {
+            let cell = Arc::new(Cell::default());
+            let c2 = cell.clone();
+            let h = thread::spawn(move || c2.reserve(&G, 5));
+            let a = cell.reserve(&G, 5);
+            let b = h.join().unwrap();
+            let mut got = [a, b];
+            got.sort_by_key(|r| matches!(r, Reserve::Wait { .. }));
+            assert_eq!(
+                got,
+                [
+                    Reserve::Now,
+                    Reserve::Wait {
+                        emission: 15,
+                        tat: 25
+                    }
+                ]
+            );
+            assert_eq!(cell.tat(), 25);
+        });
+    }
+
+    /// A waiter giving its slot back while another call reserves: either the give-back wins
+    /// (the new call takes the freed slot) or the reservation wins (the give-back fails and
+    /// the slot stays consumed); the TAT always matches the reservations in effect.
+    #[test]
+    fn a_give_back_racing_a_reservation_never_double_books() {
+        loom::model(|| {
+            let cell = Arc::new(Cell::default());
+            assert_eq!(cell.reserve(&G, 0), Reserve::Now); // TAT 10
+            let waiter = cell.reserve(&G, 0);
+            assert_eq!(
+                waiter,
+                Reserve::Wait {
+                    emission: 10,
+                    tat: 20
+                }
+            );
+            let c2 = cell.clone();
+            let h = thread::spawn(move || c2.give_back(&G, 20));
+            let newcomer = cell.reserve(&G, 0);
+            let given = h.join().unwrap();
+            if given {
+                assert_eq!(
+                    newcomer,
+                    Reserve::Wait {
+                        emission: 10,
+                        tat: 20
+                    }
+                );
+            } else {
+                assert_eq!(
+                    newcomer,
+                    Reserve::Wait {
+                        emission: 20,
+                        tat: 30
+                    }
+                );
+            }
+            assert_eq!(cell.tat(), if given { 20 } else { 30 });
+        });
     }
 }

@@ -157,7 +157,11 @@
 //! share one TAT (or one map of keys). A framework that calls `layer()` per route or per
 //! connection still gets one limiter. Build independent layers for independent limits.
 //!
-//! # Why no model check
+//! # Concurrency
+//!
+//! The CAS protocol (concurrent reservations; a give-back racing a reservation) is model
+//! checked with loom under every interleaving: `RUSTFLAGS="--cfg loom" cargo test --lib
+//! --features rate-limit rate_limit::gcra::loom`. The argument for the general case:
 //!
 //! The direct limiter's state is one word changed only by compare-and-swap: each admission
 //! is a CAS from the TAT it read to a pure function of that TAT and its own `t`, so
