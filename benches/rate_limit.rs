@@ -62,6 +62,19 @@ fn benches(c: &mut Criterion) {
         keyed.layer(ready_inner()),
         1,
     );
+    // The same with a multiplicative hasher instead of SipHash (keys not chosen by clients).
+    let keyed_fast = builder()
+        .keyed(|x: &u64| *x)
+        .hasher(std::hash::BuildHasherDefault::<MulHasher>::default())
+        .build()
+        .unwrap();
+    bench_service(
+        c,
+        "rate_limit/breakwater_keyed_tracked_mul_hasher",
+        &rt,
+        keyed_fast.layer(ready_inner()),
+        1,
+    );
     // tower's `RateLimit` is not `Clone` (and its state is per instance): one per sample.
     c.bench_function("rate_limit/tower", |b| {
         b.iter_custom(|iters| {
@@ -79,6 +92,24 @@ fn benches(c: &mut Criterion) {
             })
         })
     });
+}
+
+/// A hasher for `u64` keys: one multiplication (Fibonacci hashing).
+#[derive(Default)]
+struct MulHasher(u64);
+
+impl std::hash::Hasher for MulHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 criterion_group!(group, benches);

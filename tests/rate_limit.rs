@@ -375,6 +375,26 @@ async fn keyed_limits_each_key_on_its_own() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_custom_hasher_keeps_per_key_limits() {
+    use std::hash::{BuildHasherDefault, DefaultHasher};
+    let layer = RateLimitLayer::builder()
+        .rate(1, Duration::from_secs(1))
+        .burst(1)
+        .keyed(|x: &u32| *x % 3)
+        .hasher(BuildHasherDefault::<DefaultHasher>::default())
+        .max_keys(3)
+        .build()
+        .unwrap();
+    let (_, inner) = recorder(Instant::now());
+    let mut svc = layer.layer(inner);
+    assert_eq!(
+        outcomes(&mut svc, &[0, 1, 2, 3, 4, 5]).await,
+        vec![OK, OK, OK, LIMITED, LIMITED, LIMITED]
+    );
+    assert_eq!(layer.handle().tracked_keys(), 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn tracked_keys_return_to_zero_after_all_keys_go_idle_and_recover() {
     let rec = TestRecorder::default();
     // T = 100 ms, burst 3: a key drained at t recovers fully at t + 300 ms.

@@ -1,7 +1,7 @@
 //! The keyed limiter's state: one GCRA cell per key in a sharded concurrent map, swept of
 //! keys that have fully recovered. See the [module docs](super#keyed-limiter).
 
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -16,8 +16,8 @@ use super::layer::{Core, Decision};
 const MIN_GROWTH_SWEEP: usize = 1_024;
 
 /// The keys of one keyed limiter.
-pub(super) struct Keys<K> {
-    map: DashMap<K, Arc<Cell>>,
+pub(super) struct Keys<K, H> {
+    map: DashMap<K, Arc<Cell>, H>,
     /// Keys in `map`: incremented on insert, decremented on removal, each under the key's
     /// shard write lock.
     count: AtomicUsize,
@@ -38,7 +38,11 @@ pub(super) trait Sweep: Send + Sync {
     fn sweep(&self, core: &Core, now: u64) -> usize;
 }
 
-impl<K: Hash + Eq + Send + Sync + 'static> Sweep for Keys<K> {
+impl<K, H> Sweep for Keys<K, H>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    H: BuildHasher + Clone + Send + Sync + 'static,
+{
     fn sweep(&self, core: &Core, now: u64) -> usize {
         // `retain` holds each shard's write lock while it visits that shard, so no call is
         // between its lookup and its CAS on a cell being removed: a cell is removed only if
@@ -60,10 +64,14 @@ impl<K: Hash + Eq + Send + Sync + 'static> Sweep for Keys<K> {
     }
 }
 
-impl<K: Hash + Eq + Send + Sync + 'static> Keys<K> {
-    pub(super) fn new(max_keys: Option<usize>, interval: u64) -> Self {
+impl<K, H> Keys<K, H>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    H: BuildHasher + Clone + Send + Sync + 'static,
+{
+    pub(super) fn new(max_keys: Option<usize>, interval: u64, hasher: H) -> Self {
         Keys {
-            map: DashMap::new(),
+            map: DashMap::with_hasher(hasher),
             count: AtomicUsize::new(0),
             max_keys: max_keys.unwrap_or(usize::MAX),
             interval,

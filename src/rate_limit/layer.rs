@@ -1,5 +1,5 @@
 use std::fmt;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -225,13 +225,13 @@ impl<S> Layer<S> for RateLimitLayer {
 ///
 /// Cheap to clone (two `Arc`s and the extractor); every clone, every service it makes and
 /// every clone of those share one set of keys.
-pub struct KeyedRateLimitLayer<K, F> {
+pub struct KeyedRateLimitLayer<K, F, H = RandomState> {
     pub(super) core: Arc<Core>,
-    pub(super) keys: Arc<Keys<K>>,
+    pub(super) keys: Arc<Keys<K, H>>,
     pub(super) extractor: F,
 }
 
-impl<K, F: Clone> Clone for KeyedRateLimitLayer<K, F> {
+impl<K, F: Clone, H> Clone for KeyedRateLimitLayer<K, F, H> {
     fn clone(&self) -> Self {
         KeyedRateLimitLayer {
             core: self.core.clone(),
@@ -241,7 +241,7 @@ impl<K, F: Clone> Clone for KeyedRateLimitLayer<K, F> {
     }
 }
 
-impl<K, F> fmt::Debug for KeyedRateLimitLayer<K, F> {
+impl<K, F, H> fmt::Debug for KeyedRateLimitLayer<K, F, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedRateLimitLayer")
             .field("core", &self.core)
@@ -249,9 +249,10 @@ impl<K, F> fmt::Debug for KeyedRateLimitLayer<K, F> {
     }
 }
 
-impl<K, F> KeyedRateLimitLayer<K, F>
+impl<K, F, H> KeyedRateLimitLayer<K, F, H>
 where
     K: Hash + Eq + Send + Sync + 'static,
+    H: BuildHasher + Clone + Send + Sync + 'static,
 {
     /// A handle to this limiter, for snapshots and the key count.
     pub fn handle(&self) -> RateLimitHandle {
@@ -262,8 +263,8 @@ where
     }
 }
 
-impl<S, K, F: Clone> Layer<S> for KeyedRateLimitLayer<K, F> {
-    type Service = KeyedRateLimit<S, K, F>;
+impl<S, K, F: Clone, H> Layer<S> for KeyedRateLimitLayer<K, F, H> {
+    type Service = KeyedRateLimit<S, K, F, H>;
 
     fn layer(&self, inner: S) -> Self::Service {
         KeyedRateLimit::new(

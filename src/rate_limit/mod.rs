@@ -127,7 +127,8 @@
 //! - **Cost.** A call with a tracked key: hashing the key, a shard read lock, one CAS, no
 //!   allocation. A new key: a shard write lock and one allocation (its state). Keys are
 //!   hashed with the standard library's randomly seeded SipHash, which resists hash flooding
-//!   by clients that choose their own keys.
+//!   by clients that choose their own keys; [`hasher`](RateLimitBuilder::hasher) replaces it
+//!   where keys are trusted.
 //!
 //! # Admission, `poll_ready` and `Clone`
 //!

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -81,14 +81,14 @@ where
 ///
 /// `poll_ready` is always ready and reserves nothing; each admitted call drives a clone of
 /// the inner service (see the [module docs](super#admission-poll_ready-and-clone)).
-pub struct KeyedRateLimit<S, K, F> {
+pub struct KeyedRateLimit<S, K, F, H = RandomState> {
     inner: S,
     core: Arc<Core>,
-    keys: Arc<Keys<K>>,
+    keys: Arc<Keys<K, H>>,
     extractor: F,
 }
 
-impl<S: Clone, K, F: Clone> Clone for KeyedRateLimit<S, K, F> {
+impl<S: Clone, K, F: Clone, H> Clone for KeyedRateLimit<S, K, F, H> {
     fn clone(&self) -> Self {
         KeyedRateLimit {
             inner: self.inner.clone(),
@@ -99,7 +99,7 @@ impl<S: Clone, K, F: Clone> Clone for KeyedRateLimit<S, K, F> {
     }
 }
 
-impl<S: fmt::Debug, K, F> fmt::Debug for KeyedRateLimit<S, K, F> {
+impl<S: fmt::Debug, K, F, H> fmt::Debug for KeyedRateLimit<S, K, F, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedRateLimit")
             .field("inner", &self.inner)
@@ -108,8 +108,8 @@ impl<S: fmt::Debug, K, F> fmt::Debug for KeyedRateLimit<S, K, F> {
     }
 }
 
-impl<S, K, F> KeyedRateLimit<S, K, F> {
-    pub(super) fn new(inner: S, core: Arc<Core>, keys: Arc<Keys<K>>, extractor: F) -> Self {
+impl<S, K, F, H> KeyedRateLimit<S, K, F, H> {
+    pub(super) fn new(inner: S, core: Arc<Core>, keys: Arc<Keys<K, H>>, extractor: F) -> Self {
         KeyedRateLimit {
             inner,
             core,
@@ -134,8 +134,9 @@ impl<S, K, F> KeyedRateLimit<S, K, F> {
     }
 }
 
-impl<S, K, F, Req> Service<Req> for KeyedRateLimit<S, K, F>
+impl<S, K, F, H, Req> Service<Req> for KeyedRateLimit<S, K, F, H>
 where
+    H: BuildHasher + Clone + Send + Sync + 'static,
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     F: Fn(&Req) -> K,
