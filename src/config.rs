@@ -278,8 +278,18 @@ impl Common {
     /// Adds the instance's shared state to the builder's registry, if one was given.
     pub(crate) fn register<T: crate::registry::SnapshotSource + 'static>(&self, shared: &Arc<T>) {
         if let Some(r) = &self.registry {
-            let weak: std::sync::Weak<T> = Arc::downgrade(shared);
-            r.register(weak);
+            r.register(Arc::downgrade(shared));
+        }
+    }
+
+    /// Adds an instance to the builder's registry through a snapshot function that returns
+    /// `None` once the instance is gone (for state held in more than one `Arc`).
+    pub(crate) fn register_fn(
+        &self,
+        source: impl Fn() -> Option<crate::snapshot::Snapshot> + Send + Sync + 'static,
+    ) {
+        if let Some(r) = &self.registry {
+            r.register_fn(source);
         }
     }
 

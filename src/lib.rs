@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | timeout | a slow dependency holding callers' resources | [`timeout`] |
 //! | circuit breaker | calling a dependency that is failing | [`circuit_breaker`] |
+//! | rate limiter (GCRA, shared or keyed) | overwhelming an external API; one client starving others | [`rate_limit`] |
 //!
 //! Every layer is a `tower::Layer`, usable in `tower::ServiceBuilder`, and shares the same
 //! foundations:
@@ -82,6 +83,9 @@ pub mod circuit_breaker;
 pub mod http;
 #[cfg(feature = "timeout")]
 pub mod timeout;
+
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 
 pub use config::ConfigError;
 pub use error::{BoxError, BreakwaterError};

@@ -35,16 +35,19 @@ use parking_lot::Mutex;
 
 use crate::snapshot::Snapshot;
 
-/// Something that can describe itself as a [`Snapshot`]: each layer's shared state.
+/// Something that can describe itself as a [`Snapshot`]: a layer's shared state.
 pub(crate) trait SnapshotSource: Send + Sync {
     fn snapshot(&self) -> Snapshot;
 }
+
+/// A registered instance: returns its snapshot, or `None` once the instance is gone.
+type Source = Arc<dyn Fn() -> Option<Snapshot> + Send + Sync>;
 
 /// A set of layer instances that can be snapshotted together. Cheap to clone; clones share
 /// the same set.
 #[derive(Clone, Default)]
 pub struct Registry {
-    entries: Arc<Mutex<Vec<Weak<dyn SnapshotSource>>>>,
+    entries: Arc<Mutex<Vec<Source>>>,
 }
 
 impl fmt::Debug for Registry {
@@ -68,30 +71,46 @@ impl Registry {
         GLOBAL.get_or_init(Registry::new)
     }
 
+    /// Registers an instance through a function that upgrades its weak references and
+    /// snapshots it, returning `None` once the instance is gone.
     #[allow(dead_code)] // used by layers behind features
-    pub(crate) fn register(&self, source: Weak<dyn SnapshotSource>) {
-        let mut entries = self.entries.lock();
-        entries.retain(|e| e.strong_count() > 0);
-        entries.push(source);
+    pub(crate) fn register_fn(
+        &self,
+        source: impl Fn() -> Option<Snapshot> + Send + Sync + 'static,
+    ) {
+        self.entries.lock().push(Arc::new(source));
+    }
+
+    /// Registers a layer's shared state by weak reference.
+    #[allow(dead_code)] // used by layers behind features
+    pub(crate) fn register<T: SnapshotSource + 'static>(&self, shared: Weak<T>) {
+        self.register_fn(move || shared.upgrade().map(|s| s.snapshot()));
     }
 
     /// A snapshot of every live registered instance, in registration order. Allocates; meant
     /// for debug endpoints, not the hot path.
     pub fn snapshot(&self) -> Vec<Snapshot> {
-        let live: Vec<Arc<dyn SnapshotSource>> = {
-            let mut entries = self.entries.lock();
-            entries.retain(|e| e.strong_count() > 0);
-            entries.iter().filter_map(Weak::upgrade).collect()
-        };
+        let sources: Vec<Source> = self.entries.lock().clone();
         // Snapshots run outside the registry lock (a snapshot may take a layer's own lock).
-        live.iter().map(|s| s.snapshot()).collect()
+        let mut out = Vec::with_capacity(sources.len());
+        let mut dead = Vec::new();
+        for source in sources {
+            match source() {
+                Some(s) => out.push(s),
+                None => dead.push(source),
+            }
+        }
+        if !dead.is_empty() {
+            self.entries
+                .lock()
+                .retain(|e| !dead.iter().any(|d| Arc::ptr_eq(d, e)));
+        }
+        out
     }
 
-    /// The number of live registered instances.
+    /// The number of live registered instances (takes a snapshot of each).
     pub fn len(&self) -> usize {
-        let mut entries = self.entries.lock();
-        entries.retain(|e| e.strong_count() > 0);
-        entries.len()
+        self.snapshot().len()
     }
 
     /// `true` when no live instance is registered.

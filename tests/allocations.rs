@@ -139,3 +139,74 @@ mod circuit_breaker {
         );
     }
 }
+
+#[cfg(feature = "rate-limit")]
+mod rate_limit {
+    use super::*;
+    use tower_breakwater::rate_limit::RateLimitLayer;
+
+    /// Never limits: T = 1 ns, burst 10^6.
+    fn direct() -> RateLimitLayer {
+        RateLimitLayer::builder()
+            .rate(1_000_000_000, Duration::from_secs(1))
+            .burst(1_000_000)
+            .build()
+            .unwrap()
+    }
+
+    fn keyed() -> tower_breakwater::rate_limit::KeyedRateLimitLayer<u32, fn(&u32) -> u32> {
+        RateLimitLayer::builder()
+            .rate(1_000_000_000, Duration::from_secs(1))
+            .burst(1_000_000)
+            .keyed((|x: &u32| *x % 4) as fn(&u32) -> u32)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn happy_path_allocates_nothing_without_a_recorder() {
+        let rt = runtime();
+        let svc = tower::Layer::layer(&direct(), ready_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0);
+        let svc = tower::Layer::layer(&direct(), yielding_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0, "pending inner");
+        // A key already tracked (inserted during the warm-up).
+        let svc = tower::Layer::layer(&keyed(), ready_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0, "keyed");
+    }
+
+    #[test]
+    fn happy_path_allocates_nothing_with_a_recorder() {
+        let rt = runtime();
+        let rec = TestRecorder::default();
+        let layer = rec.install_while(|| {
+            RateLimitLayer::builder()
+                .name("direct")
+                .rate(1_000_000_000, Duration::from_secs(1))
+                .burst(1_000_000)
+                .build()
+                .unwrap()
+        });
+        let svc = tower::Layer::layer(&layer, yielding_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0);
+        let permitted = |name| {
+            rec.counter(
+                "breakwater_rate_limiter_calls_total",
+                &[("name", name), ("outcome", "permitted")],
+            )
+        };
+        assert_eq!(permitted("direct"), Some(100 + 3 * CALLS));
+        let keyed = rec.install_while(|| {
+            RateLimitLayer::builder()
+                .name("keyed")
+                .rate(1_000_000_000, Duration::from_secs(1))
+                .burst(1_000_000)
+                .keyed(|x: &u32| *x)
+                .build()
+                .unwrap()
+        });
+        let svc = tower::Layer::layer(&keyed, ready_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 7), 0, "keyed, tracked key");
+        assert_eq!(permitted("keyed"), Some(100 + 3 * CALLS));
+    }
+}

@@ -53,3 +53,48 @@ fn snapshots_serialize_to_the_documented_json() {
         r#"[{"name":"fraud-api","layer":"timeout","state":null,"counters":{"timeouts":0},"gauges":{"timeout_seconds":0.25}}]"#
     );
 }
+
+#[cfg(all(feature = "circuit-breaker", feature = "rate-limit"))]
+#[test]
+fn every_layer_kind_joins_the_registry() {
+    use tower_breakwater::circuit_breaker::CircuitBreakerLayer;
+    use tower_breakwater::error::LayerKind;
+    use tower_breakwater::rate_limit::RateLimitLayer;
+
+    let registry = Registry::new();
+    let _t = timeout("t", Some(&registry));
+    let _b = CircuitBreakerLayer::builder()
+        .name("b")
+        .registry(&registry)
+        .build()
+        .unwrap();
+    let _r = RateLimitLayer::builder()
+        .name("r")
+        .rate(10, Duration::from_secs(1))
+        .registry(&registry)
+        .build()
+        .unwrap();
+    let keyed = RateLimitLayer::builder()
+        .name("k")
+        .rate(10, Duration::from_secs(1))
+        .keyed(|x: &u32| *x)
+        .registry(&registry)
+        .build()
+        .unwrap();
+    let kinds: Vec<(String, LayerKind, Option<&str>)> = registry
+        .snapshot()
+        .into_iter()
+        .map(|s| (s.name, s.layer, s.state))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("t".to_owned(), LayerKind::Timeout, None),
+            ("b".to_owned(), LayerKind::CircuitBreaker, Some("closed")),
+            ("r".to_owned(), LayerKind::RateLimiter, None),
+            ("k".to_owned(), LayerKind::RateLimiter, None),
+        ]
+    );
+    drop(keyed);
+    assert_eq!(registry.len(), 3);
+}

@@ -1,0 +1,229 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+use super::gcra::Cell;
+use super::layer::Core;
+use crate::error::{BoxError, BreakwaterError};
+
+/// Where a waiter's reservation lives, to give it back.
+pub(super) enum WaiterCell {
+    /// The direct limiter's cell, inside [`Core`].
+    Direct,
+    /// One key's cell of a keyed limiter.
+    Keyed(Arc<Cell>),
+}
+
+/// A reservation not yet admitted. Dropped before admission, it gives its slot back where it
+/// can (see the module docs, "Dropped waiters").
+pub(super) struct Waiter {
+    core: Arc<Core>,
+    cell: WaiterCell,
+    /// The TAT this reservation set.
+    tat: u64,
+    /// When `call` was made, in ns since the base instant.
+    called_at: u64,
+    admitted: bool,
+}
+
+impl Waiter {
+    pub(super) fn new(core: Arc<Core>, cell: WaiterCell, tat: u64, called_at: u64) -> Self {
+        core.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiter {
+            core,
+            cell,
+            tat,
+            called_at,
+            admitted: false,
+        }
+    }
+
+    fn admit(&mut self) {
+        self.admitted = true;
+        self.core.record_waited(self.called_at);
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let core = &self.core;
+        core.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        if self.admitted {
+            return;
+        }
+        core.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+        let cell = match &self.cell {
+            WaiterCell::Direct => &core.direct,
+            WaiterCell::Keyed(cell) => cell,
+        };
+        if cell.give_back(&core.gcra, self.tat) {
+            core.stats.given_back.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+pin_project! {
+    // Armed on the first poll, so that `call` needs no runtime context.
+    #[project = TimerProj]
+    enum Timer {
+        Unarmed { deadline: Instant },
+        Armed { #[pin] sleep: Sleep },
+    }
+}
+
+pin_project! {
+    // A waiter's timer, inner clone and request. Boxed (one allocation per call that waits,
+    // for at least a millisecond) so that the response future of calls admitted at once
+    // stays small: a timer is over 100 bytes, moved with the future on every call.
+    struct Wait<S, Req> {
+        #[pin]
+        timer: Timer,
+        svc: Option<S>,
+        req: Option<Req>,
+        waiter: Waiter,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req, F> {
+        // Rejected in `call`; the error is returned on the first poll.
+        Rejected { err: Option<BoxError> },
+        // Slot reserved at a later emission time.
+        Waiting { wait: Pin<Box<Wait<S, Req>>> },
+        // Admitted: driving the inner clone's readiness; `req` is taken when it is ready.
+        Ready { svc: S, req: Option<Req> },
+        Called { #[pin] fut: F },
+        Done,
+    }
+}
+
+pin_project! {
+    /// The response future of [`RateLimit`](super::RateLimit) and
+    /// [`KeyedRateLimit`](super::KeyedRateLimit).
+    ///
+    /// Resolves to a [`BreakwaterError`] of kind
+    /// [`RateLimited`](crate::error::ErrorKind::RateLimited) or
+    /// [`TooManyKeys`](crate::error::ErrorKind::TooManyKeys) when the call was rejected in
+    /// `call`; otherwise, after sleeping until its emission time if it had to wait, to the
+    /// inner service's response or error (boxed). Dropped while waiting, it gives its slot
+    /// back where it can (see the [module docs](super#dropped-waiters)).
+    ///
+    /// # Panics
+    ///
+    /// When polled again after it returned `Ready`.
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req, S::Future>,
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Rejected { .. } => "rejected",
+            State::Waiting { .. } => "waiting",
+            State::Ready { .. } => "ready",
+            State::Called { .. } => "called",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    #[inline]
+    pub(super) fn ready(svc: S, req: Req) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                svc,
+                req: Some(req),
+            },
+        }
+    }
+
+    pub(super) fn waiting(deadline: Instant, svc: S, req: Req, waiter: Waiter) -> Self {
+        let wait = Box::pin(Wait {
+            timer: Timer::Unarmed { deadline },
+            svc: Some(svc),
+            req: Some(req),
+            waiter,
+        });
+        ResponseFuture {
+            state: State::Waiting { wait },
+        }
+    }
+
+    pub(super) fn rejected(err: BreakwaterError) -> Self {
+        ResponseFuture {
+            state: State::Rejected {
+                err: Some(Box::new(err)),
+            },
+        }
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Ready { svc, req } => {
+                    if let Err(e) = ready!(svc.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    let req = req.take().expect("request present until called");
+                    let fut = svc.call(req);
+                    this.state.set(State::Called { fut });
+                }
+                StateProj::Called { fut } => {
+                    let out = ready!(fut.poll(cx));
+                    this.state.set(State::Done);
+                    return Poll::Ready(out.map_err(Into::into));
+                }
+                StateProj::Waiting { wait } => {
+                    let mut w = wait.as_mut().project();
+                    if let TimerProj::Unarmed { deadline } = w.timer.as_mut().project() {
+                        let sleep = tokio::time::sleep_until(*deadline);
+                        w.timer.set(Timer::Armed { sleep });
+                    }
+                    if let TimerProj::Armed { sleep } = w.timer.project() {
+                        ready!(sleep.poll(cx));
+                    }
+                    w.waiter.admit();
+                    let svc = w.svc.take().expect("service present until admitted");
+                    let req = w.req.take().expect("request present until admitted");
+                    this.state.set(State::Ready {
+                        svc,
+                        req: Some(req),
+                    });
+                }
+                StateProj::Rejected { err } => {
+                    let err = err.take().expect("error present until returned");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(err));
+                }
+                StateProj::Done => panic!("RateLimit ResponseFuture polled after completion"),
+            }
+        }
+    }
+}

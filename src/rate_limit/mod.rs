@@ -1,0 +1,191 @@
+//! Rate limiting with the generic cell rate algorithm (GCRA): one limiter shared by every
+//! clone of a service ([`RateLimitLayer`]), or one per key extracted from each request
+//! ([`KeyedRateLimitLayer`]), rejecting at once or letting callers wait up to a maximum.
+//!
+//! An external API that allows "100 calls per second" is protected by limiting our own
+//! calls to it, and an API of ours is protected from one heavy client by limiting per
+//! client. The limiter is configured with a **rate** (`count` calls per `period`) and a
+//! **burst** (calls allowed back to back when the limiter has been idle).
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_breakwater::{error::{self, ErrorKind}, rate_limit::RateLimitLayer, BoxError};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! // 10 calls per second, at most 2 back to back; reject when over.
+//! let layer = RateLimitLayer::builder()
+//!     .name("geo-api")
+//!     .rate(10, Duration::from_secs(1))
+//!     .burst(2)
+//!     .build()?;
+//! let svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service(service_fn(|x: u32| async move { Ok::<_, std::io::Error>(x) }));
+//!
+//! assert_eq!(svc.clone().oneshot(1).await?, 1);
+//! assert_eq!(svc.clone().oneshot(2).await?, 2);
+//! let err = svc.clone().oneshot(3).await.unwrap_err();
+//! let ours = error::find(err.as_ref()).unwrap();
+//! assert_eq!(ours.kind(), ErrorKind::RateLimited);
+//! // Exact: the next slot opens one emission interval (100 ms) after the first call.
+//! assert_eq!(ours.retry_after(), Some(Duration::from_millis(100)));
+//!
+//! tokio::time::advance(Duration::from_millis(100)).await;
+//! assert_eq!(svc.oneshot(4).await?, 4);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The algorithm
+//!
+//! GCRA in its *virtual scheduling* form, as specified for ATM traffic policing in ITU-T
+//! Recommendation I.371 and the ATM Forum Traffic Management Specification 4.0. Its whole
+//! state is one **theoretical arrival time** (TAT): the time at which the limiter would be
+//! back to the state "one call just made, at the sustained rate".
+//!
+//! - The **emission interval** `T = period / count`, rounded **up** to whole nanoseconds (so
+//!   the enforced rate is never above the configured one; `3 per second` gives
+//!   `T = 333_333_334 ns`).
+//! - The **burst tolerance** `tau = T * (burst - 1)`.
+//! - A call at time `t` **conforms** if `t >= TAT - tau`; it is then admitted and
+//!   `TAT = max(TAT, t) + T`. A non-conforming call changes nothing.
+//!
+//! In wait mode the same rule gives each call its **emission time** `e = max(t, TAT - tau)`,
+//! the first instant at which it conforms; the call is accepted if `e - t <= max_wait`, and
+//! then (whether it waits or not) `TAT = max(TAT, t) + T`. Consequences, all exact to the
+//! nanosecond: a limiter idle for at least `burst * T` admits `burst` calls at once; admitted
+//! calls (at their emission times) never exceed `burst + floor(L / T)` in any interval of
+//! length `L`; a rejected call's wait is `TAT - tau - t`.
+//!
+//! The TAT is a single `AtomicU64` (nanoseconds since an instant taken on tokio's clock in
+//! `build()`), updated with one compare-and-swap per admitted call: no lock, no allocation,
+//! one clock read per call (the time of the call is an input of the algorithm).
+//!
+//! # Reject mode and wait mode
+//!
+//! - **Reject mode** ([`max_wait`](RateLimitBuilder::max_wait) zero, the default): a call that
+//!   does not conform is rejected at once, in `call`, with a
+//!   [`BreakwaterError`](crate::error::BreakwaterError) of kind
+//!   [`ErrorKind::RateLimited`](crate::error::ErrorKind::RateLimited) whose
+//!   [`retry_after`](crate::error::BreakwaterError::retry_after) is the exact time until a
+//!   call would conform (`TAT - tau - t`), suitable for an HTTP `Retry-After` (round up to
+//!   whole seconds).
+//! - **Wait mode** (`max_wait` > 0): a call whose wait would exceed `max_wait` is rejected at
+//!   once in the same way (its `retry_after` is still the time until a call would conform).
+//!   Any other call reserves its slot in `call` (TAT advances then, so callers are served in
+//!   the order of their calls), and its response future sleeps until the emission time.
+//!   tokio's timers have millisecond resolution: a waiter is admitted at the first
+//!   millisecond tick at or after its emission time, never before it.
+//! - **Cost.** A call admitted at once reads the clock once, does one CAS and allocates
+//!   nothing. A call that waits allocates once (its timer, boxed so that the response future
+//!   of every other call stays small); it sleeps at least until the next millisecond tick
+//!   anyway. A rejection allocates its boxed error.
+//!
+//! # Dropped waiters
+//!
+//! A waiter whose response future is dropped before it was admitted (before the poll at
+//! which its emission time had come) gives its slot back **exactly when its reservation is
+//! still the latest one**: no call has reserved a slot since, so the TAT still equals the
+//! value its reservation set. One compare-and-swap then moves the TAT back by `T`, to exactly
+//! its value before the reservation, as if the call had never been made, and the next caller
+//! is not delayed by the unused slot. Waiters dropped in the reverse order of their
+//! reservations (the latest first) thus all give their slots back.
+//!
+//! When a later call has reserved since, the slot stays consumed (the CAS fails): the later
+//! caller already holds its emission time, and moving the TAT back would let a new caller be
+//! scheduled at the same instant as it, over the burst. The cost is one unused slot, at most
+//! `T` of capacity. A future dropped after admission, or a call admitted at once, has used
+//! its slot. The handle's snapshot counts `abandoned` waiters and those that `given_back`.
+//!
+//! # Keyed limiter
+//!
+//! [`RateLimitBuilder::keyed`] takes a key extractor `Fn(&Req) -> K`; each key gets its own
+//! TAT with the builder's rate, burst and maximum wait. Keys live in a
+//! [`dashmap::DashMap`]: a sharded map whose shards are each behind a reader-writer lock,
+//! chosen because a lookup of a tracked key takes one shard's read lock and allocates
+//! nothing (no global lock on the hot path), and because its `retain` holds each shard's
+//! write lock while it visits it, which makes removing a key atomic with respect to calls of
+//! that key (see below); it has no default features to turn off.
+//!
+//! - **Memory is bounded without user action.** A key whose TAT is at or before now has fully
+//!   recovered (its whole burst is available): its state is equivalent to a fresh one, so it
+//!   is removed by a **sweep** and recreated, fully recovered, on its next call. Sweeps run on
+//!   calls: the first call at least [`sweep_interval`](RateLimitBuilder::sweep_interval)
+//!   (default 1 s) after the previous sweep runs one, and an insert that finds the key count
+//!   doubled since the last sweep (and at least 1,024) runs one; both are `O(keys)` and
+//!   amortized over the calls in between. Reading the key count
+//!   ([`RateLimitHandle::tracked_keys`], the snapshot) also sweeps first. The
+//!   `breakwater_rate_limiter_keys` gauge is set whenever a call adds a key and after every
+//!   sweep.
+//! - **Maximum keys** ([`max_keys`](RateLimitBuilder::max_keys), optional): a call with a new
+//!   key while the limiter tracks that many keys is rejected with
+//!   [`ErrorKind::TooManyKeys`](crate::error::ErrorKind::TooManyKeys) (its own reason, its
+//!   own metric outcome). A tracked key is never evicted to make room: that would let one
+//!   caller reset another's limit. Recovered keys free their place at the next sweep.
+//! - **Cost.** A call with a tracked key: hashing the key, a shard read lock, one CAS, no
+//!   allocation. A new key: a shard write lock and one allocation (its state). Keys are
+//!   hashed with the standard library's randomly seeded SipHash, which resists hash flooding
+//!   by clients that choose their own keys; [`hasher`](RateLimitBuilder::hasher) replaces it
+//!   where keys are trusted.
+//!
+//! # Admission, `poll_ready` and `Clone`
+//!
+//! Following the crate's [admission rule](crate#the-admission-rule), `poll_ready` always
+//! returns `Ready(Ok(()))` and reserves nothing; the slot is reserved (or the call rejected)
+//! in `call`, without waiting for the inner service. Each admitted call then drives
+//! readiness of a **clone** of the inner service inside its response future (after its wait,
+//! if any), so the inner service must be `Clone`, and its `poll_ready` must not rely on being
+//! called on the same instance as earlier calls. Wrap a non-`Clone` service in
+//! `tower::buffer::Buffer`. A rejected call clones nothing and never reaches the inner
+//! service.
+//!
+//! # Metrics, events and snapshots
+//!
+//! `breakwater_rate_limiter_calls_total{name, outcome}` with `outcome` one of `permitted`
+//! (admitted at once), `waited` (admitted after a wait, counted at admission), `rejected`
+//! (rate limited) and, keyed only, `too_many_keys`. With `record_durations(true)`,
+//! `breakwater_rate_limiter_wait_duration_seconds{name}` records each admitted call's wait
+//! (0 for calls admitted at once). Keyed only: `breakwater_rate_limiter_keys{name}`. Every
+//! rejection emits [`EventKind::Rejected`](crate::event::EventKind::Rejected) with its kind
+//! and, for `RateLimited`, its `retry_after`. The outcome of the inner call is not
+//! classified: a limiter's outcomes are admissions. See [`RateLimitHandle::snapshot`].
+//!
+//! # Shared state
+//!
+//! A layer value owns its limiter: every service it produces, and every clone of those,
+//! share one TAT (or one map of keys). A framework that calls `layer()` per route or per
+//! connection still gets one limiter. Build independent layers for independent limits.
+//!
+//! # Concurrency
+//!
+//! The CAS protocol (concurrent reservations; a give-back racing a reservation) is model
+//! checked with loom under every interleaving: `RUSTFLAGS="--cfg loom" cargo test --lib
+//! --features rate-limit rate_limit::gcra::loom`. The argument for the general case:
+//!
+//! The direct limiter's state is one word changed only by compare-and-swap: each admission
+//! is a CAS from the TAT it read to a pure function of that TAT and its own `t`, so
+//! admissions are linearizable, and a CAS that lost is retried on the fresh value. A
+//! give-back is a CAS from exactly the TAT its reservation set to that value minus `T`.
+//! Reservations only increase the TAT, and give-backs only undo the latest reservation, so
+//! the reservations still in effect form a stack; the TAT equals a waiter's value again only
+//! if every reservation made after it has been undone (no ABA: a value once passed is reached
+//! again only by undoing down to it). The keyed limiter adds only the map, whose removals
+//! (under a shard write lock, only of cells with `TAT <= now`) cannot interleave with a
+//! call's lookup and CAS (under the same shard's read lock); a waiter that holds its cell
+//! outside the lock has `TAT > now` until its emission time, so its cell is not removed
+//! before it could give back, and a give-back to a cell removed later has no effect on
+//! anyone. The key count is changed only under the shard write lock of the key concerned.
+
+mod builder;
+mod future;
+mod gcra;
+mod keyed;
+mod layer;
+mod service;
+
+pub use builder::{DEFAULT_SWEEP_INTERVAL, Direct, Keyed, RateLimitBuilder};
+pub use future::ResponseFuture;
+pub use layer::{KeyedRateLimitLayer, RateLimitHandle, RateLimitLayer};
+pub use service::{KeyedRateLimit, RateLimit};
