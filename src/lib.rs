@@ -6,6 +6,7 @@
 //! | layer | stops | module |
 //! |---|---|---|
 //! | timeout | a slow dependency holding callers' resources | [`timeout`] |
+//! | coalescing (singleflight) | identical concurrent requests each going upstream | [`coalesce`] |
 //!
 //! Every layer is a `tower::Layer`, usable in `tower::ServiceBuilder`, and shares the same
 //! foundations:
@@ -73,6 +74,8 @@ pub mod event;
 pub mod metrics;
 pub mod snapshot;
 
+#[cfg(feature = "coalesce")]
+pub mod coalesce;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 
