@@ -670,7 +670,9 @@ mod tests {
         }
     }
 
-    fn table() -> (Arc<Table<u8, u32, Arc<Counting>>>, Arc<Counting>) {
+    type TestTable = Table<u8, u32, Arc<Counting>>;
+
+    fn table() -> (Arc<TestTable>, Arc<Counting>) {
         let hooks = Arc::new(Counting::default());
         (Arc::new(Table::new(hooks.clone())), hooks)
     }
