@@ -4,6 +4,10 @@
 //! Used by the [`Coalesce`](super::Coalesce) service and by the response cache (which also
 //! uses the [detached mode](Table::spawn_detached)). The design and the argument for its
 //! correctness are in the [module docs](super#design).
+//!
+//! A shared call runs a future of output `O`; its owner's [`Hooks::complete`] turns that
+//! output into the value `T` every caller receives (a clone each; the last caller gets the
+//! original).
 
 use std::any::Any;
 use std::future::Future;
@@ -19,6 +23,9 @@ use parking_lot::Mutex;
 use slab::Slab;
 
 use crate::clock::Instant;
+
+/// The shared future, boxed (its one allocation) so that it can move between callers.
+pub(crate) type BoxFuture<O> = Pin<Box<dyn Future<Output = O> + Send>>;
 
 /// The part a caller plays in a shared call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,12 +49,14 @@ pub(crate) enum End {
 
 /// What the owner of a table (a layer) does at the edges of each shared call. Called outside
 /// every lock of the table, on the task that caused the edge.
-pub(crate) trait Hooks<T>: Send + Sync + 'static {
+pub(crate) trait Hooks<O, T>: Send + Sync + 'static {
     /// A shared call was started (its entry entered the table).
     fn started(&self);
     /// A shared call ended (its entry left the table); `followers` callers had attached to it
     /// besides its leader.
     fn ended(&self, end: End, followers: u64);
+    /// The value the callers of a call whose future returned `out` receive.
+    fn complete(&self, out: O) -> T;
     /// The value every caller of a panicked shared call receives (except the driving caller
     /// of a [`Join`] that resumes panics).
     fn panicked(&self) -> T;
@@ -79,21 +88,21 @@ impl std::ops::AddAssign for Stats {
 }
 
 /// One key in flight.
-struct Entry<K, T> {
+struct Entry<K, O, T, H> {
     hash: u64,
     key: K,
-    slot: Arc<dyn Call<T>>,
+    slot: Arc<Slot<K, O, T, H>>,
     followers: u64,
 }
 
-struct ShardState<K, T> {
-    map: HashTable<Entry<K, T>>,
+struct ShardState<K, O, T, H> {
+    map: HashTable<Entry<K, O, T, H>>,
     stats: Stats,
 }
 
 /// One shard of the table, alone on its cache lines.
 #[repr(align(128))]
-struct Shard<K, T>(Mutex<ShardState<K, T>>);
+struct Shard<K, O, T, H>(Mutex<ShardState<K, O, T, H>>);
 
 /// The in-flight table: at most one shared call per key at any time.
 ///
@@ -101,14 +110,14 @@ struct Shard<K, T>(Mutex<ShardState<K, T>>);
 /// `parking_lot::Mutex` held only to find, insert or remove an entry (never while a future
 /// is polled or a waker is woken). Entries store their hash, so removal needs neither the key
 /// nor a second hash: a call finds its own entry by hash and slot identity.
-pub(crate) struct Table<K, T, H> {
-    shards: Box<[Shard<K, T>]>,
+pub(crate) struct Table<K, O, T, H> {
+    shards: Box<[Shard<K, O, T, H>]>,
     mask: usize,
     hasher: RandomState,
     hooks: H,
 }
 
-impl<K, T, H> std::fmt::Debug for Table<K, T, H> {
+impl<K, O, T, H> std::fmt::Debug for Table<K, O, T, H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Table")
             .field("shards", &self.shards.len())
@@ -116,18 +125,19 @@ impl<K, T, H> std::fmt::Debug for Table<K, T, H> {
     }
 }
 
-impl<K, T, H> Table<K, T, H> {
+impl<K, O, T, H> Table<K, O, T, H> {
     /// The owner's hooks.
     pub(crate) fn hooks(&self) -> &H {
         &self.hooks
     }
 }
 
-impl<K, T, H> Table<K, T, H>
+impl<K, O, T, H> Table<K, O, T, H>
 where
     K: Hash + Eq + Send + 'static,
+    O: Send + 'static,
     T: Clone + Send + 'static,
-    H: Hooks<T>,
+    H: Hooks<O, T>,
 {
     /// An empty table with four shards per available core (a power of two, at most 1024).
     pub(crate) fn new(hooks: H) -> Self {
@@ -150,34 +160,33 @@ where
     }
 
     #[inline]
-    fn shard(&self, hash: u64) -> &Mutex<ShardState<K, T>> {
+    fn shard(&self, hash: u64) -> &Mutex<ShardState<K, O, T, H>> {
         // hashbrown uses the low bits (bucket) and the top 7 bits (tag); take the shard from
         // the middle.
         &self.shards[(hash >> 32) as usize & self.mask].0
     }
 
     /// Attaches to the call in flight for `key`, or starts one with the future `make()`
-    /// returns (then `make` is called, under the shard lock, and nothing else is).
+    /// returns (`make` is called only then, under the shard lock).
     ///
-    /// The returned [`Join`] resolves to the call's value; dropping it detaches. A leader's
-    /// `Join` resumes a panic of the shared future on its own task when it is the caller
-    /// driving at that moment ([`Join::resume_panics`]).
-    pub(crate) fn join<F>(self: &Arc<Self>, key: K, make: impl FnOnce() -> F) -> (Role, Join<T>)
+    /// The returned [`Join`] resolves to the call's value; dropping it detaches. Whichever
+    /// attached caller is polled first drives the shared future (not necessarily the leader).
+    pub(crate) fn join<F>(self: &Arc<Self>, key: K, make: impl FnOnce() -> F) -> (Role, Join<O, T>)
     where
-        F: Future<Output = T> + Send + 'static,
+        F: Future<Output = O> + Send + 'static,
     {
         let hash = self.hasher.hash_one(&key);
         let mut guard = self.shard(hash).lock();
         let st = &mut *guard;
         if let Some(e) = st.map.find_mut(hash, |e| e.key == key) {
             e.followers += 1;
-            e.slot.attach();
+            e.slot.attached.fetch_add(1, Ordering::AcqRel);
             let slot = e.slot.clone();
             st.stats.followers += 1;
             drop(guard);
             return (Role::Follower, Join::new(slot));
         }
-        let slot: Arc<dyn Call<T>> = Arc::new(Slot {
+        let slot = Arc::new(Slot {
             table: self.clone(),
             hash,
             attached: AtomicUsize::new(1),
@@ -223,7 +232,7 @@ where
         deadline: Option<Instant>,
     ) -> (Role, tokio::task::JoinHandle<()>)
     where
-        F: Future<Output = T> + Send + 'static,
+        F: Future<Output = O> + Send + 'static,
     {
         let (role, mut join) = self.join(key, make);
         join.resume_panics = false;
@@ -248,14 +257,20 @@ where
         total
     }
 
-    /// Removes the entry of the slot at `me` if it is still in the table, counting how the
-    /// call ended. The entry is returned so that it is dropped outside the lock.
-    fn remove(&self, hash: u64, me: *const (), end: End) -> Option<Entry<K, T>> {
-        let mut guard = self.shard(hash).lock();
-        let st = &mut *guard;
+    /// Removes the entry of `slot` if it is still in the table, counting how the call ended.
+    /// The entry is returned so that it is dropped outside the lock.
+    fn remove(&self, slot: &Slot<K, O, T, H>, end: End) -> Option<Entry<K, O, T, H>> {
+        Self::remove_locked(&mut self.shard(slot.hash).lock(), slot, end)
+    }
+
+    fn remove_locked(
+        st: &mut ShardState<K, O, T, H>,
+        slot: &Slot<K, O, T, H>,
+        end: End,
+    ) -> Option<Entry<K, O, T, H>> {
         let found = st
             .map
-            .find_entry(hash, |e| std::ptr::addr_eq(Arc::as_ptr(&e.slot), me))
+            .find_entry(slot.hash, |e| std::ptr::eq(Arc::as_ptr(&e.slot), slot))
             .ok()?;
         let (entry, _) = found.remove();
         match end {
@@ -268,28 +283,25 @@ where
 
     /// Releases one attachment of a call still running (see [`Slot::leave`]); returns the
     /// entry when this was the last attachment and the call was still in the table.
-    fn release(&self, slot: &AtomicUsize, hash: u64, me: *const ()) -> Option<Entry<K, T>> {
+    fn release(&self, slot: &Slot<K, O, T, H>) -> Option<Entry<K, O, T, H>> {
         // Not the last: decrement without the shard lock.
-        let mut n = slot.load(Ordering::Acquire);
+        let mut n = slot.attached.load(Ordering::Acquire);
         while n > 1 {
-            match slot.compare_exchange_weak(n, n - 1, Ordering::AcqRel, Ordering::Acquire) {
+            match slot
+                .attached
+                .compare_exchange_weak(n, n - 1, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return None,
                 Err(now) => n = now,
             }
         }
-        // Maybe the last: decide under the shard lock, where followers attach.
-        let mut guard = self.shard(hash).lock();
-        if slot.fetch_sub(1, Ordering::AcqRel) != 1 {
+        // Maybe the last: decide, and remove the entry, under the shard lock, where
+        // followers attach.
+        let mut guard = self.shard(slot.hash).lock();
+        if slot.attached.fetch_sub(1, Ordering::AcqRel) != 1 {
             return None;
         }
-        let st = &mut *guard;
-        let found = st
-            .map
-            .find_entry(hash, |e| std::ptr::addr_eq(Arc::as_ptr(&e.slot), me))
-            .ok()?;
-        let (entry, _) = found.remove();
-        st.stats.abandoned += 1;
-        Some(entry)
+        Self::remove_locked(&mut guard, slot, End::Abandoned)
     }
 }
 
@@ -301,11 +313,12 @@ pub(crate) trait AnyTable: Send + Sync + 'static {
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
 
-impl<K, T, H> AnyTable for Table<K, T, H>
+impl<K, O, T, H> AnyTable for Table<K, O, T, H>
 where
     K: Hash + Eq + Send + 'static,
+    O: Send + 'static,
     T: Clone + Send + 'static,
-    H: Hooks<T>,
+    H: Hooks<O, T>,
 {
     fn stats(&self) -> Stats {
         Table::stats(self)
@@ -323,31 +336,34 @@ where
 struct Me {
     /// Key of this caller's waker in the waiter list, while it waits.
     waiter: Option<usize>,
-    /// This caller drives the shared future (it polled it last and it was pending).
-    driver: bool,
     /// This caller has taken its value, or resumed the panic, and released its attachment.
     done: bool,
 }
 
-enum Joined<T> {
+/// What a caller that does not hold the shared future finds when polled.
+enum Wait<O, T> {
+    /// The call ended: this caller's value.
     Value(T),
-    /// The shared future panicked while this caller polled it.
-    Resume(Box<dyn Any + Send>),
+    /// Nobody drives the shared future: this caller takes it and drives.
+    Drive(BoxFuture<O>),
 }
 
-/// A shared call, with its future type erased so one table serves any number of services.
-trait Call<T>: Send + Sync {
-    /// One more caller (under the shard lock of its entry).
-    fn attach(&self);
-    fn poll_join(&self, me: &mut Me, cx: &mut Context<'_>, resume: bool) -> Poll<Joined<T>>;
-    fn leave(&self, me: &mut Me);
+/// A shared call with its key and owner types erased, as a caller sees it.
+trait Call<O, T>: Send + Sync {
+    /// Polled by a caller that does not hold the shared future.
+    fn poll_wait(&self, me: &mut Me, cx: &mut Context<'_>) -> Poll<Wait<O, T>>;
+    /// Ends the call with the future's output (`Err(())`: it panicked); returns the driver's
+    /// own value.
+    fn finish(&self, me: &mut Me, out: Result<O, ()>) -> T;
+    /// A caller leaves before taking its value, handing back the future if it drove.
+    fn leave(&self, me: &mut Me, fut: Option<BoxFuture<O>>);
 }
 
-enum Phase<F, T> {
+enum Phase<O, T> {
     Running {
-        /// `None` only while the driver polls it (it is taken out of the lock for that).
-        fut: Option<Pin<Box<F>>>,
-        /// A caller drives the future.
+        /// The shared future while nobody drives it; the driver holds it in its [`Join`].
+        fut: Option<BoxFuture<O>>,
+        /// A caller holds and drives the future.
         driving: bool,
         /// The waiter woken to take over driving, if one is on its way.
         nominee: Option<usize>,
@@ -358,32 +374,28 @@ enum Phase<F, T> {
     Abandoned,
 }
 
-struct State<F, T> {
-    phase: Phase<F, T>,
+struct State<O, T> {
+    phase: Phase<O, T>,
     /// Wakers of callers waiting for the value (not the driver's: the future holds that one).
     waiters: Slab<Option<Waker>>,
 }
 
-struct Slot<K, T, F, H> {
-    table: Arc<Table<K, T, H>>,
+struct Slot<K, O, T, H> {
+    table: Arc<Table<K, O, T, H>>,
     hash: u64,
     /// Callers attached (each live `Join`); incremented only under the entry's shard lock,
     /// and it drops to zero only under it while the entry is in the table.
     attached: AtomicUsize,
-    state: Mutex<State<F, T>>,
+    state: Mutex<State<O, T>>,
 }
 
-impl<K, T, F, H> Slot<K, T, F, H>
+impl<K, O, T, H> Slot<K, O, T, H>
 where
     K: Hash + Eq + Send + 'static,
+    O: Send + 'static,
     T: Clone + Send + 'static,
-    F: Future<Output = T> + Send + 'static,
-    H: Hooks<T>,
+    H: Hooks<O, T>,
 {
-    fn id(&self) -> *const () {
-        self as *const Self as *const ()
-    }
-
     /// Takes this caller's copy of a finished call's value: the last caller moves it, the
     /// others clone it. Called under the state lock.
     fn take(&self, out: &mut Option<T>, me: &mut Me) -> T {
@@ -398,37 +410,7 @@ where
         }
     }
 
-    /// Ends the call with `out` (the driver calls this after the future returned or panicked):
-    /// the entry leaves the table first, so the next request starts a new call; then every
-    /// waiter is woken. Returns the driver's own value.
-    fn finish(&self, me: &mut Me, out: T, end: End) -> Option<T> {
-        let entry = self.table.remove(self.hash, self.id(), end);
-        let mut st = self.state.lock();
-        // No caller can attach any more: with only the driver attached, nobody else will see
-        // the value.
-        if self.attached.load(Ordering::Acquire) == 1 {
-            self.attached.store(0, Ordering::Release);
-            me.done = true;
-            st.phase = Phase::Done(None);
-            drop(st);
-            self.ended(entry, end);
-            return Some(out);
-        }
-        st.phase = Phase::Done(Some(out));
-        let waiters = std::mem::take(&mut st.waiters);
-        drop(st);
-        for w in waiters.into_iter().filter_map(|(_, w)| w) {
-            w.wake();
-        }
-        self.ended(entry, end);
-        let mut st = self.state.lock();
-        match &mut st.phase {
-            Phase::Done(out) => Some(self.take(out, me)),
-            _ => unreachable!("a finished call stays finished"),
-        }
-    }
-
-    fn ended(&self, entry: Option<Entry<K, T>>, end: End) {
+    fn ended(&self, entry: Option<Entry<K, O, T, H>>, end: End) {
         if let Some(entry) = entry {
             let followers = entry.followers;
             drop(entry);
@@ -461,125 +443,120 @@ where
     }
 }
 
-impl<K, T, F, H> Call<T> for Slot<K, T, F, H>
+impl<K, O, T, H> Call<O, T> for Slot<K, O, T, H>
 where
     K: Hash + Eq + Send + 'static,
+    O: Send + 'static,
     T: Clone + Send + 'static,
-    F: Future<Output = T> + Send + 'static,
-    H: Hooks<T>,
+    H: Hooks<O, T>,
 {
-    fn attach(&self) {
-        self.attached.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn poll_join(&self, me: &mut Me, cx: &mut Context<'_>, resume: bool) -> Poll<Joined<T>> {
+    fn poll_wait(&self, me: &mut Me, cx: &mut Context<'_>) -> Poll<Wait<O, T>> {
         let mut guard = self.state.lock();
         let st = &mut *guard;
-        let mut fut = match &mut st.phase {
-            Phase::Done(out) => return Poll::Ready(Joined::Value(self.take(out, me))),
+        match &mut st.phase {
+            Phase::Done(out) => Poll::Ready(Wait::Value(self.take(out, me))),
             Phase::Abandoned => unreachable!("a call with a caller attached is not abandoned"),
             Phase::Running {
                 fut,
                 driving,
                 nominee,
             } => {
-                if me.driver || !*driving {
-                    // Drive: continue, or take over from a driver that left.
+                if !*driving {
+                    // Take over: the call was not started yet, or its driver left.
                     if let Some(k) = me.waiter.take() {
                         st.waiters.try_remove(k);
                     }
                     *nominee = None;
                     *driving = true;
-                    me.driver = true;
-                    fut.take()
-                        .expect("the shared future is in place unless its driver polls it")
-                } else {
-                    // Wait: register (or refresh) this caller's waker.
-                    match me.waiter {
-                        Some(k) => {
-                            let w = &mut st.waiters[k];
-                            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                                *w = Some(cx.waker().clone());
-                            }
-                        }
-                        None => me.waiter = Some(st.waiters.insert(Some(cx.waker().clone()))),
-                    }
-                    return Poll::Pending;
+                    let fut = fut
+                        .take()
+                        .expect("the shared future is in place while nobody drives it");
+                    return Poll::Ready(Wait::Drive(fut));
                 }
-            }
-        };
-        drop(guard);
-
-        // Poll without any lock held. Only the driver gets here, so the phase stays
-        // `Running` meanwhile (finishing takes the driver; abandoning takes every caller).
-        match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => {
-                if let Phase::Running { fut: place, .. } = &mut self.state.lock().phase {
-                    *place = Some(fut);
+                // Wait: register (or refresh) this caller's waker.
+                match me.waiter {
+                    Some(k) => {
+                        let w = &mut st.waiters[k];
+                        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *w = Some(cx.waker().clone());
+                        }
+                    }
+                    None => me.waiter = Some(st.waiters.insert(Some(cx.waker().clone()))),
                 }
                 Poll::Pending
-            }
-            Ok(Poll::Ready(out)) => {
-                me.driver = false;
-                let mine = self.finish(me, out, End::Completed);
-                drop(fut);
-                Poll::Ready(Joined::Value(mine.expect("a completed call has a value")))
-            }
-            Err(payload) => {
-                me.driver = false;
-                let out = self.table.hooks.panicked();
-                if resume {
-                    // Our own value is not needed: release it like a dropped caller would.
-                    let mine = self.finish(me, out, End::Panicked);
-                    drop(mine);
-                    drop(fut);
-                    Poll::Ready(Joined::Resume(payload))
-                } else {
-                    let mine = self.finish(me, out, End::Panicked);
-                    drop(fut);
-                    drop(payload);
-                    Poll::Ready(Joined::Value(mine.expect("a panicked call has a value")))
-                }
             }
         }
     }
 
-    fn leave(&self, me: &mut Me) {
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
+    /// The entry leaves the table first, so the next request starts a new call; then every
+    /// waiter is woken.
+    fn finish(&self, me: &mut Me, out: Result<O, ()>) -> T {
+        let (out, end) = match out {
+            Ok(o) => (self.table.hooks.complete(o), End::Completed),
+            Err(()) => (self.table.hooks.panicked(), End::Panicked),
+        };
+        let entry = self.table.remove(self, end);
+        // Nobody can attach any more. With only the driver attached, nobody else will ever
+        // look at the state: skip it.
+        if self.attached.load(Ordering::Acquire) == 1 {
+            me.done = true;
+            self.ended(entry, end);
+            return out;
+        }
+        let waiters = {
+            let mut st = self.state.lock();
+            st.phase = Phase::Done(Some(out));
+            std::mem::take(&mut st.waiters)
+        };
+        for w in waiters.into_iter().filter_map(|(_, w)| w) {
+            w.wake();
+        }
+        self.ended(entry, end);
+        let mut st = self.state.lock();
         match &mut st.phase {
-            Phase::Done(_) => {
-                // Under the state lock, like `take`, so the last taker is decided exactly.
-                self.attached.fetch_sub(1, Ordering::AcqRel);
-                return;
-            }
-            Phase::Abandoned => return,
-            Phase::Running {
-                driving, nominee, ..
-            } => {
-                if let Some(k) = me.waiter.take() {
-                    st.waiters.try_remove(k);
-                    if *nominee == Some(k) {
-                        *nominee = None;
-                    }
+            Phase::Done(out) => self.take(out, me),
+            _ => unreachable!("a finished call stays finished"),
+        }
+    }
+
+    fn leave(&self, me: &mut Me, fut: Option<BoxFuture<O>>) {
+        {
+            let mut guard = self.state.lock();
+            let st = &mut *guard;
+            match &mut st.phase {
+                Phase::Done(_) => {
+                    // Under the state lock, like `take`, so the last taker is decided exactly.
+                    self.attached.fetch_sub(1, Ordering::AcqRel);
+                    me.done = true;
+                    return;
                 }
-                if me.driver {
-                    me.driver = false;
-                    *driving = false;
+                Phase::Abandoned => return,
+                Phase::Running {
+                    fut: place,
+                    driving,
+                    nominee,
+                } => {
+                    if let Some(k) = me.waiter.take() {
+                        st.waiters.try_remove(k);
+                        if *nominee == Some(k) {
+                            *nominee = None;
+                        }
+                    }
+                    if fut.is_some() {
+                        // The driver leaves: put the future back for the next driver.
+                        *place = fut;
+                        *driving = false;
+                    }
                 }
             }
         }
-        drop(guard);
         me.done = true;
-        match self.table.release(&self.attached, self.hash, self.id()) {
+        match self.table.release(self) {
             Some(entry) => {
                 // The last caller left a running call: drop the future, outside every lock.
-                let fut = {
-                    let mut st = self.state.lock();
-                    match std::mem::replace(&mut st.phase, Phase::Abandoned) {
-                        Phase::Running { fut, .. } => fut,
-                        _ => None,
-                    }
+                let fut = match std::mem::replace(&mut self.state.lock().phase, Phase::Abandoned) {
+                    Phase::Running { fut, .. } => fut,
+                    _ => None,
                 };
                 drop(fut);
                 self.ended(Some(entry), End::Abandoned);
@@ -599,49 +576,76 @@ where
 /// When polled after it returned `Ready`. When it drives the shared future, that future
 /// panics, and [`resume_panics`](Self::resume_panics) is set (the default), the panic is
 /// resumed on this caller's task (after every other caller got the hooks' `panicked()` value).
-pub(crate) struct Join<T> {
-    slot: Arc<dyn Call<T>>,
+pub(crate) struct Join<O, T> {
+    slot: Arc<dyn Call<O, T>>,
+    /// The shared future, while this caller drives it.
+    fut: Option<BoxFuture<O>>,
     me: Me,
     /// Resume a panic of the shared future when this caller was the one polling it (`true`
     /// by default; the detached mode turns it off).
     pub(crate) resume_panics: bool,
 }
 
-impl<T> std::fmt::Debug for Join<T> {
+impl<O, T> std::fmt::Debug for Join<O, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Join")
+            .field("driving", &self.fut.is_some())
             .field("me", &self.me)
             .finish_non_exhaustive()
     }
 }
 
-impl<T> Join<T> {
-    fn new(slot: Arc<dyn Call<T>>) -> Self {
+impl<O, T> Join<O, T> {
+    fn new(slot: Arc<dyn Call<O, T>>) -> Self {
         Join {
             slot,
+            fut: None,
             me: Me::default(),
             resume_panics: true,
         }
     }
 }
 
-impl<T> Future for Join<T> {
+impl<O, T> Future for Join<O, T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         let this = &mut *self;
         assert!(!this.me.done, "coalesced call polled after completion");
-        match ready!(this.slot.poll_join(&mut this.me, cx, this.resume_panics)) {
-            Joined::Value(v) => Poll::Ready(v),
-            Joined::Resume(payload) => resume_unwind(payload),
+        let fut = match &mut this.fut {
+            Some(fut) => fut,
+            None => match ready!(this.slot.poll_wait(&mut this.me, cx)) {
+                Wait::Value(v) => return Poll::Ready(v),
+                Wait::Drive(fut) => this.fut.insert(fut),
+            },
+        };
+        // Drive, holding no lock.
+        let out = match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(out)) => Ok(out),
+            Err(payload) => Err(payload),
+        };
+        let fut = this.fut.take();
+        let (v, payload) = match out {
+            Ok(o) => (this.slot.finish(&mut this.me, Ok(o)), None),
+            Err(p) => (this.slot.finish(&mut this.me, Err(())), Some(p)),
+        };
+        // Dropped once every caller was served (its destructor is the upstream's code).
+        drop(fut);
+        match payload {
+            Some(p) if this.resume_panics => {
+                drop(v);
+                resume_unwind(p)
+            }
+            _ => Poll::Ready(v),
         }
     }
 }
 
-impl<T> Drop for Join<T> {
+impl<O, T> Drop for Join<O, T> {
     fn drop(&mut self) {
         if !self.me.done {
-            self.slot.leave(&mut self.me);
+            self.slot.leave(&mut self.me, self.fut.take());
         }
     }
 }
@@ -658,19 +662,22 @@ mod tests {
         ended: Mutex<Vec<(End, u64)>>,
     }
 
-    impl Hooks<u32> for Arc<Counting> {
+    impl Hooks<u32, u32> for Arc<Counting> {
         fn started(&self) {
             self.started.fetch_add(1, Ordering::SeqCst);
         }
         fn ended(&self, end: End, followers: u64) {
             self.ended.lock().push((end, followers));
         }
+        fn complete(&self, out: u32) -> u32 {
+            out
+        }
         fn panicked(&self) -> u32 {
             u32::MAX
         }
     }
 
-    type TestTable = Table<u8, u32, Arc<Counting>>;
+    type TestTable = Table<u8, u32, u32, Arc<Counting>>;
 
     fn table() -> (Arc<TestTable>, Arc<Counting>) {
         let hooks = Arc::new(Counting::default());

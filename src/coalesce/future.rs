@@ -1,14 +1,13 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 use tower::Service;
 
 use super::core::Join;
-use super::error::{Failure, SharedError};
+use super::error::Failure;
 use super::layer::Shared;
 use crate::error::BoxError;
 
@@ -30,7 +29,7 @@ use crate::error::BoxError;
 /// shared call when it panicked, with that panic (resumed after every other caller was
 /// given its error).
 pub struct ResponseFuture<R> {
-    join: Join<Shared<R>>,
+    join: Join<Result<R, BoxError>, Shared<R>>,
 }
 
 impl<R> fmt::Debug for ResponseFuture<R> {
@@ -42,7 +41,7 @@ impl<R> fmt::Debug for ResponseFuture<R> {
 }
 
 impl<R> ResponseFuture<R> {
-    pub(super) fn new(join: Join<Shared<R>>) -> Self {
+    pub(super) fn new(join: Join<Result<R, BoxError>, Shared<R>>) -> Self {
         ResponseFuture { join }
     }
 }
@@ -70,25 +69,22 @@ pin_project! {
 
 pin_project! {
     /// The shared call: readiness of a clone of the inner service, then the leader's request.
-    /// Its errors are shared as [`SharedError`].
     pub(super) struct Upstream<S, Req>
     where
         S: Service<Req>,
     {
         #[pin]
         state: State<S, Req, S::Future>,
-        name: Arc<str>,
     }
 }
 
 impl<S: Service<Req>, Req> Upstream<S, Req> {
-    pub(super) fn new(svc: S, req: Req, name: Arc<str>) -> Self {
+    pub(super) fn new(svc: S, req: Req) -> Self {
         Upstream {
             state: State::Ready {
                 svc,
                 req: Some(req),
             },
-            name,
         }
     }
 }
@@ -98,7 +94,7 @@ where
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {
-    type Output = Shared<S::Response>;
+    type Output = Result<S::Response, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -110,19 +106,17 @@ where
                         let fut = svc.call(req);
                         this.state.set(State::Called { fut });
                     }
-                    Poll::Ready(Err(e)) => break Err(e),
+                    Poll::Ready(Err(e)) => break Err(e.into()),
                     Poll::Pending => return Poll::Pending,
                 },
                 StateProj::Called { fut } => match fut.poll(cx) {
-                    Poll::Ready(r) => break r,
+                    Poll::Ready(r) => break r.map_err(Into::into),
                     Poll::Pending => return Poll::Pending,
                 },
                 StateProj::Done => panic!("shared call polled after completion"),
             }
         };
         this.state.set(State::Done);
-        Poll::Ready(
-            result.map_err(|e| Failure::Inner(SharedError::new(this.name.clone(), e.into()))),
-        )
+        Poll::Ready(result)
     }
 }

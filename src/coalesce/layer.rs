@@ -9,9 +9,9 @@ use tower::{Layer, Service};
 
 use super::Coalesce;
 use super::core::{AnyTable, End, Hooks, Role, Stats, Table};
-use super::error::Failure;
+use super::error::{Failure, SharedError};
 use crate::config::{Common, ConfigError, common_builder_methods};
-use crate::error::{BreakwaterError, ErrorKind, LayerKind};
+use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
 use crate::event::{EventKind, Events};
 use crate::metrics::names;
 use crate::snapshot::Snapshot;
@@ -20,7 +20,7 @@ use crate::snapshot::Snapshot;
 pub(super) type Shared<R> = Result<R, Failure>;
 
 /// The in-flight table of one layer for one key and response type.
-pub(super) type Slots<K, R> = Table<K, Shared<R>, Arc<Instruments>>;
+pub(super) type Slots<K, R> = Table<K, Result<R, BoxError>, Shared<R>, Arc<Instruments>>;
 
 /// Metric handles and listeners of one coalescing instance, registered at build time.
 #[derive(Debug)]
@@ -47,7 +47,7 @@ impl Instruments {
     }
 }
 
-impl<R: Send + 'static> Hooks<Shared<R>> for Arc<Instruments> {
+impl<R: Send + 'static> Hooks<Result<R, BoxError>, Shared<R>> for Arc<Instruments> {
     #[inline]
     fn started(&self) {
         self.in_flight.increment(1.0);
@@ -65,6 +65,10 @@ impl<R: Send + 'static> Hooks<Shared<R>> for Arc<Instruments> {
             End::Panicked => self.events.emit(|| EventKind::Panicked),
             _ => {}
         }
+    }
+
+    fn complete(&self, out: Result<R, BoxError>) -> Shared<R> {
+        out.map_err(|e| Failure::Inner(SharedError::new(self.name.clone(), e)))
     }
 
     fn panicked(&self) -> Shared<R> {

@@ -86,9 +86,7 @@ where
         let key = (self.key)(&req);
         let inner = &self.inner;
         let hooks = self.table.hooks();
-        let (role, join) = self.table.join(key, || {
-            Upstream::new(inner.clone(), req, hooks.name.clone())
-        });
+        let (role, join) = self.table.join(key, || Upstream::new(inner.clone(), req));
         hooks.call(role);
         ResponseFuture::new(join)
     }
