@@ -1,5 +1,5 @@
 //! The coalescing core, independent of tower: an in-flight [`Table`] of shared calls keyed by
-//! `K`, and [`Join`], one caller's attachment to a shared call.
+//! `K`, and [`Join`], one caller's share of a shared call.
 //!
 //! Used by the [`Coalesce`](super::Coalesce) service and by the response cache (which also
 //! uses the [detached mode](Table::spawn_detached)). The design and the argument for its
@@ -16,10 +16,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, Waker};
 
 use hashbrown::HashTable;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use slab::Slab;
 
 use crate::clock::Instant;
@@ -50,8 +50,8 @@ pub(crate) enum End {
 /// What the owner of a table (a layer) does at the edges of each shared call. Called outside
 /// every lock of the table, on the task that caused the edge.
 pub(crate) trait Hooks<O, T>: Send + Sync + 'static {
-    /// A shared call was started (its entry entered the table).
-    fn started(&self);
+    /// A caller joined, as `role` (a leader's entry just entered the table).
+    fn joined(&self, role: Role);
     /// A shared call ended (its entry left the table); `followers` callers had attached to it
     /// besides its leader.
     fn ended(&self, end: End, followers: u64);
@@ -88,30 +88,48 @@ impl std::ops::AddAssign for Stats {
 }
 
 /// One key in flight.
-struct Entry<K, O, T, H> {
+struct Entry<K, O, T> {
     hash: u64,
+    /// Tells this call from a later one for the same key (unique per shard while in flight).
+    id: u64,
     key: K,
-    slot: Arc<Slot<K, O, T, H>>,
+    /// Made by the first follower; `None` while the leader is alone.
+    slot: Option<Arc<Slot<O, T>>>,
     followers: u64,
 }
 
-struct ShardState<K, O, T, H> {
-    map: HashTable<Entry<K, O, T, H>>,
+struct ShardState<K, O, T> {
+    map: HashTable<Entry<K, O, T>>,
+    next_id: u64,
     stats: Stats,
+}
+
+impl<K, O, T> ShardState<K, O, T> {
+    /// Removes the entry `(hash, id)` if present, counting how the call ended.
+    fn remove(&mut self, hash: u64, id: u64, end: End) -> Option<Entry<K, O, T>> {
+        let found = self.map.find_entry(hash, |e| e.id == id).ok()?;
+        let (entry, _) = found.remove();
+        match end {
+            End::Completed => {}
+            End::Panicked => self.stats.panics += 1,
+            End::Abandoned => self.stats.abandoned += 1,
+        }
+        Some(entry)
+    }
 }
 
 /// One shard of the table, alone on its cache lines.
 #[repr(align(128))]
-struct Shard<K, O, T, H>(Mutex<ShardState<K, O, T, H>>);
+struct Shard<K, O, T>(Mutex<ShardState<K, O, T>>);
 
 /// The in-flight table: at most one shared call per key at any time.
 ///
 /// Sharded by the key's hash; each shard is a `hashbrown::HashTable` under a
 /// `parking_lot::Mutex` held only to find, insert or remove an entry (never while a future
-/// is polled or a waker is woken). Entries store their hash, so removal needs neither the key
-/// nor a second hash: a call finds its own entry by hash and slot identity.
+/// is polled or a waker is woken). Entries store their hash and an id, so removal needs
+/// neither the key nor a second hash.
 pub(crate) struct Table<K, O, T, H> {
-    shards: Box<[Shard<K, O, T, H>]>,
+    shards: Box<[Shard<K, O, T>]>,
     mask: usize,
     hasher: RandomState,
     hooks: H,
@@ -130,6 +148,48 @@ impl<K, O, T, H> Table<K, O, T, H> {
     pub(crate) fn hooks(&self) -> &H {
         &self.hooks
     }
+
+    #[inline]
+    fn shard(&self, hash: u64) -> MutexGuard<'_, ShardState<K, O, T>> {
+        // hashbrown uses the low bits (bucket) and the top 7 bits (tag); take the shard from
+        // the middle.
+        self.shards[(hash >> 32) as usize & self.mask].0.lock()
+    }
+
+    /// Releases one attachment of a running call that has a slot; returns the entry when
+    /// this was the last attachment (the entry is then removed: the call is abandoned).
+    fn release(&self, slot: &Slot<O, T>, hash: u64, id: u64) -> Option<Entry<K, O, T>> {
+        // Not the last: decrement without the shard lock.
+        let mut n = slot.attached.load(Ordering::Acquire);
+        while n > 1 {
+            match slot
+                .attached
+                .compare_exchange_weak(n, n - 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return None,
+                Err(now) => n = now,
+            }
+        }
+        // Maybe the last: decide, and remove the entry, under the shard lock, where
+        // followers attach.
+        let mut shard = self.shard(hash);
+        if slot.attached.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
+        }
+        shard.remove(hash, id, End::Abandoned)
+    }
+
+    /// The table's counts, summed over its shards (locks each shard in turn; not for the
+    /// hot path).
+    pub(crate) fn stats(&self) -> Stats {
+        let mut total = Stats::default();
+        for s in self.shards.iter() {
+            let st = s.0.lock();
+            total += st.stats;
+            total.in_flight += st.map.len() as u64;
+        }
+        total
+    }
 }
 
 impl<K, O, T, H> Table<K, O, T, H>
@@ -147,6 +207,7 @@ where
             .map(|_| {
                 Shard(Mutex::new(ShardState {
                     map: HashTable::new(),
+                    next_id: 0,
                     stats: Stats::default(),
                 }))
             })
@@ -159,67 +220,28 @@ where
         }
     }
 
-    #[inline]
-    fn shard(&self, hash: u64) -> &Mutex<ShardState<K, O, T, H>> {
-        // hashbrown uses the low bits (bucket) and the top 7 bits (tag); take the shard from
-        // the middle.
-        &self.shards[(hash >> 32) as usize & self.mask].0
-    }
-
-    /// Attaches to the call in flight for `key`, or starts one with the future `make()`
-    /// returns (`make` is called only then, under the shard lock).
-    ///
-    /// The returned [`Join`] resolves to the call's value; dropping it detaches. Whichever
-    /// attached caller is polled first drives the shared future (not necessarily the leader).
-    pub(crate) fn join<F>(self: &Arc<Self>, key: K, make: impl FnOnce() -> F) -> (Role, Join<O, T>)
+    /// A caller's share of the call for `key`. Nothing happens until it is first polled:
+    /// then it attaches to the call in flight for `key` (as a follower, dropping `fut`), or
+    /// starts one with `fut` (as the leader). A share dropped unpolled never joined.
+    pub(crate) fn join<F>(self: &Arc<Self>, key: K, fut: F) -> Join<K, F, O, T, H>
     where
         F: Future<Output = O> + Send + 'static,
     {
-        let hash = self.hasher.hash_one(&key);
-        let mut guard = self.shard(hash).lock();
-        let st = &mut *guard;
-        if let Some(e) = st.map.find_mut(hash, |e| e.key == key) {
-            e.followers += 1;
-            e.slot.attached.fetch_add(1, Ordering::AcqRel);
-            let slot = e.slot.clone();
-            st.stats.followers += 1;
-            drop(guard);
-            return (Role::Follower, Join::new(slot));
-        }
-        let slot = Arc::new(Slot {
+        Join {
             table: self.clone(),
-            hash,
-            attached: AtomicUsize::new(1),
-            state: Mutex::new(State {
-                phase: Phase::Running {
-                    fut: Some(Box::pin(make())),
-                    driving: false,
-                    nominee: None,
-                },
-                waiters: Slab::new(),
-            }),
-        });
-        st.map.insert_unique(
-            hash,
-            Entry {
-                hash,
-                key,
-                slot: slot.clone(),
-                followers: 0,
-            },
-            |e| e.hash,
-        );
-        st.stats.leaders += 1;
-        drop(guard);
-        self.hooks.started();
-        (Role::Leader, Join::new(slot))
+            state: JoinState::Init { key, fut },
+            hash: 0,
+            id: 0,
+            me: Me::default(),
+            resume_panics: true,
+        }
     }
 
-    /// The detached mode: attaches to (or starts) the call for `key` on behalf of nobody.
-    /// A task spawned on the current tokio runtime stays attached until the call ends or
-    /// `deadline` passes (then it detaches; the call goes on while other callers remain
-    /// attached, and is dropped otherwise). A panic of the shared future is caught and ends
-    /// the call like any panic; it does not unwind the spawned task.
+    /// The detached mode: joins the call for `key` (starting it with `fut` if none is in
+    /// flight) on behalf of nobody. A task spawned on the current tokio runtime stays
+    /// attached until the call ends or `deadline` passes (then it detaches; the call goes on
+    /// while other callers remain attached, and is dropped otherwise). A panic of the shared
+    /// future is caught and ends the call like any panic; it does not unwind the task.
     ///
     /// # Panics
     ///
@@ -228,80 +250,20 @@ where
     pub(crate) fn spawn_detached<F>(
         self: &Arc<Self>,
         key: K,
-        make: impl FnOnce() -> F,
+        fut: F,
         deadline: Option<Instant>,
-    ) -> (Role, tokio::task::JoinHandle<()>)
+    ) -> tokio::task::JoinHandle<()>
     where
         F: Future<Output = O> + Send + 'static,
     {
-        let (role, mut join) = self.join(key, make);
+        let mut join = self.join(key, fut);
         join.resume_panics = false;
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             match deadline {
                 Some(d) => drop(tokio::time::timeout_at(d, join).await),
                 None => drop(join.await),
             }
-        });
-        (role, task)
-    }
-
-    /// The table's counts, summed over its shards (locks each shard in turn; not for the
-    /// hot path).
-    pub(crate) fn stats(&self) -> Stats {
-        let mut total = Stats::default();
-        for s in self.shards.iter() {
-            let st = s.0.lock();
-            total += st.stats;
-            total.in_flight += st.map.len() as u64;
-        }
-        total
-    }
-
-    /// Removes the entry of `slot` if it is still in the table, counting how the call ended.
-    /// The entry is returned so that it is dropped outside the lock.
-    fn remove(&self, slot: &Slot<K, O, T, H>, end: End) -> Option<Entry<K, O, T, H>> {
-        Self::remove_locked(&mut self.shard(slot.hash).lock(), slot, end)
-    }
-
-    fn remove_locked(
-        st: &mut ShardState<K, O, T, H>,
-        slot: &Slot<K, O, T, H>,
-        end: End,
-    ) -> Option<Entry<K, O, T, H>> {
-        let found = st
-            .map
-            .find_entry(slot.hash, |e| std::ptr::eq(Arc::as_ptr(&e.slot), slot))
-            .ok()?;
-        let (entry, _) = found.remove();
-        match end {
-            End::Completed => {}
-            End::Panicked => st.stats.panics += 1,
-            End::Abandoned => st.stats.abandoned += 1,
-        }
-        Some(entry)
-    }
-
-    /// Releases one attachment of a call still running (see [`Slot::leave`]); returns the
-    /// entry when this was the last attachment and the call was still in the table.
-    fn release(&self, slot: &Slot<K, O, T, H>) -> Option<Entry<K, O, T, H>> {
-        // Not the last: decrement without the shard lock.
-        let mut n = slot.attached.load(Ordering::Acquire);
-        while n > 1 {
-            match slot
-                .attached
-                .compare_exchange_weak(n, n - 1, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return None,
-                Err(now) => n = now,
-            }
-        }
-        // Maybe the last: decide, and remove the entry, under the shard lock, where
-        // followers attach.
-        let mut guard = self.shard(slot.hash).lock();
-        if slot.attached.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return None;
-        }
-        Self::remove_locked(&mut guard, slot, End::Abandoned)
+        })
     }
 }
 
@@ -329,18 +291,18 @@ where
     }
 }
 
-// ---- one shared call ------------------------------------------------------------------------
+// ---- the slot: what followers share ----------------------------------------------------------
 
 /// A caller's own state in a shared call.
 #[derive(Debug, Default)]
 struct Me {
     /// Key of this caller's waker in the waiter list, while it waits.
     waiter: Option<usize>,
-    /// This caller has taken its value, or resumed the panic, and released its attachment.
+    /// This caller has taken its value (or resumed the panic) or left.
     done: bool,
 }
 
-/// What a caller that does not hold the shared future finds when polled.
+/// What a waiting caller finds when polled.
 enum Wait<O, T> {
     /// The call ended: this caller's value.
     Value(T),
@@ -348,20 +310,9 @@ enum Wait<O, T> {
     Drive(BoxFuture<O>),
 }
 
-/// A shared call with its key and owner types erased, as a caller sees it.
-trait Call<O, T>: Send + Sync {
-    /// Polled by a caller that does not hold the shared future.
-    fn poll_wait(&self, me: &mut Me, cx: &mut Context<'_>) -> Poll<Wait<O, T>>;
-    /// Ends the call with the future's output (`Err(())`: it panicked); returns the driver's
-    /// own value.
-    fn finish(&self, me: &mut Me, out: Result<O, ()>) -> T;
-    /// A caller leaves before taking its value, handing back the future if it drove.
-    fn leave(&self, me: &mut Me, fut: Option<BoxFuture<O>>);
-}
-
 enum Phase<O, T> {
     Running {
-        /// The shared future while nobody drives it; the driver holds it in its [`Join`].
+        /// The shared future while nobody drives it (its driver holds it in its [`Join`]).
         fut: Option<BoxFuture<O>>,
         /// A caller holds and drives the future.
         driving: bool,
@@ -374,28 +325,40 @@ enum Phase<O, T> {
     Abandoned,
 }
 
-struct State<O, T> {
+struct SlotState<O, T> {
     phase: Phase<O, T>,
     /// Wakers of callers waiting for the value (not the driver's: the future holds that one).
     waiters: Slab<Option<Waker>>,
 }
 
-struct Slot<K, O, T, H> {
-    table: Arc<Table<K, O, T, H>>,
-    hash: u64,
-    /// Callers attached (each live `Join`); incremented only under the entry's shard lock,
-    /// and it drops to zero only under it while the entry is in the table.
+/// What the callers of a call with followers share: the waiter list, the value once ready,
+/// the future while nobody drives it, and the count of attached callers.
+struct Slot<O, T> {
+    /// Callers attached (the leader and each follower not yet done); incremented only under
+    /// the entry's shard lock, and it drops to zero only under it while the entry is in the
+    /// table.
     attached: AtomicUsize,
-    state: Mutex<State<O, T>>,
+    state: Mutex<SlotState<O, T>>,
 }
 
-impl<K, O, T, H> Slot<K, O, T, H>
-where
-    K: Hash + Eq + Send + 'static,
-    O: Send + 'static,
-    T: Clone + Send + 'static,
-    H: Hooks<O, T>,
-{
+impl<O, T> Slot<O, T> {
+    /// A slot made by the first follower, while the leader drives.
+    fn new() -> Self {
+        Slot {
+            attached: AtomicUsize::new(2),
+            state: Mutex::new(SlotState {
+                phase: Phase::Running {
+                    fut: None,
+                    driving: true,
+                    nominee: None,
+                },
+                waiters: Slab::new(),
+            }),
+        }
+    }
+}
+
+impl<O, T: Clone> Slot<O, T> {
     /// Takes this caller's copy of a finished call's value: the last caller moves it, the
     /// others clone it. Called under the state lock.
     fn take(&self, out: &mut Option<T>, me: &mut Me) -> T {
@@ -410,46 +373,6 @@ where
         }
     }
 
-    fn ended(&self, entry: Option<Entry<K, O, T, H>>, end: End) {
-        if let Some(entry) = entry {
-            let followers = entry.followers;
-            drop(entry);
-            self.table.hooks.ended(end, followers);
-        }
-    }
-
-    /// Wakes one waiter to take over driving, when nobody drives and nobody is on the way.
-    fn hand_off(&self) {
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
-        if let Phase::Running {
-            driving: false,
-            nominee: nominee @ None,
-            ..
-        } = &mut st.phase
-        {
-            let next = st
-                .waiters
-                .iter_mut()
-                .find_map(|(k, w)| w.take().map(|w| (k, w)));
-            if let Some((k, w)) = next {
-                *nominee = Some(k);
-                drop(guard);
-                w.wake();
-            }
-            // No waiter registered: the remaining callers have not been polled yet, and the
-            // first of them to be polled drives.
-        }
-    }
-}
-
-impl<K, O, T, H> Call<O, T> for Slot<K, O, T, H>
-where
-    K: Hash + Eq + Send + 'static,
-    O: Send + 'static,
-    T: Clone + Send + 'static,
-    H: Hooks<O, T>,
-{
     fn poll_wait(&self, me: &mut Me, cx: &mut Context<'_>) -> Poll<Wait<O, T>> {
         let mut guard = self.state.lock();
         let st = &mut *guard;
@@ -462,7 +385,7 @@ where
                 nominee,
             } => {
                 if !*driving {
-                    // Take over: the call was not started yet, or its driver left.
+                    // Take over from a driver that left.
                     if let Some(k) = me.waiter.take() {
                         st.waiters.try_remove(k);
                     }
@@ -488,19 +411,13 @@ where
         }
     }
 
-    /// The entry leaves the table first, so the next request starts a new call; then every
-    /// waiter is woken.
-    fn finish(&self, me: &mut Me, out: Result<O, ()>) -> T {
-        let (out, end) = match out {
-            Ok(o) => (self.table.hooks.complete(o), End::Completed),
-            Err(()) => (self.table.hooks.panicked(), End::Panicked),
-        };
-        let entry = self.table.remove(self, end);
-        // Nobody can attach any more. With only the driver attached, nobody else will ever
-        // look at the state: skip it.
+    /// Stores the value of a finished call (its entry already removed), wakes every waiter,
+    /// and returns the driver's own copy.
+    fn deliver(&self, me: &mut Me, out: T) -> T {
+        // Nobody can attach any more: with only the driver attached, nobody else will ever
+        // look at the state.
         if self.attached.load(Ordering::Acquire) == 1 {
             me.done = true;
-            self.ended(entry, end);
             return out;
         }
         let waiters = {
@@ -511,141 +428,343 @@ where
         for w in waiters.into_iter().filter_map(|(_, w)| w) {
             w.wake();
         }
-        self.ended(entry, end);
         let mut st = self.state.lock();
         match &mut st.phase {
             Phase::Done(out) => self.take(out, me),
             _ => unreachable!("a finished call stays finished"),
         }
     }
+}
 
-    fn leave(&self, me: &mut Me, fut: Option<BoxFuture<O>>) {
-        {
-            let mut guard = self.state.lock();
-            let st = &mut *guard;
-            match &mut st.phase {
-                Phase::Done(_) => {
-                    // Under the state lock, like `take`, so the last taker is decided exactly.
-                    self.attached.fetch_sub(1, Ordering::AcqRel);
-                    me.done = true;
-                    return;
-                }
-                Phase::Abandoned => return,
-                Phase::Running {
-                    fut: place,
-                    driving,
-                    nominee,
-                } => {
-                    if let Some(k) = me.waiter.take() {
-                        st.waiters.try_remove(k);
-                        if *nominee == Some(k) {
-                            *nominee = None;
-                        }
-                    }
-                    if fut.is_some() {
-                        // The driver leaves: put the future back for the next driver.
-                        *place = fut;
-                        *driving = false;
+impl<O, T> Slot<O, T> {
+    /// A caller leaves before taking its value, handing back the future if it drove.
+    /// Returns `true` when the caller still holds an attachment to release (the call is
+    /// running), `false` when it was settled here (the call had ended).
+    fn leave(&self, me: &mut Me, fut: Option<BoxFuture<O>>) -> (bool, Option<BoxFuture<O>>) {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        match &mut st.phase {
+            Phase::Done(_) => {
+                // Under the state lock, like `take`, so the last taker is decided exactly.
+                self.attached.fetch_sub(1, Ordering::AcqRel);
+                (false, fut)
+            }
+            Phase::Abandoned => (false, fut),
+            Phase::Running {
+                fut: place,
+                driving,
+                nominee,
+            } => {
+                if let Some(k) = me.waiter.take() {
+                    st.waiters.try_remove(k);
+                    if *nominee == Some(k) {
+                        *nominee = None;
                     }
                 }
+                if fut.is_some() {
+                    // The driver leaves: put the future back for the next driver.
+                    *place = fut;
+                    *driving = false;
+                }
+                (true, None)
             }
         }
-        me.done = true;
-        match self.table.release(self) {
-            Some(entry) => {
-                // The last caller left a running call: drop the future, outside every lock.
-                let fut = match std::mem::replace(&mut self.state.lock().phase, Phase::Abandoned) {
-                    Phase::Running { fut, .. } => fut,
-                    _ => None,
-                };
-                drop(fut);
-                self.ended(Some(entry), End::Abandoned);
+    }
+
+    /// Wakes one waiter to take over driving, when nobody drives and nobody is on the way.
+    fn hand_off(&self) {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if let Phase::Running {
+            driving: false,
+            nominee: nominee @ None,
+            ..
+        } = &mut st.phase
+        {
+            let next = st
+                .waiters
+                .iter_mut()
+                .find_map(|(k, w)| w.take().map(|w| (k, w)));
+            if let Some((k, w)) = next {
+                *nominee = Some(k);
+                drop(guard);
+                w.wake();
             }
-            None => self.hand_off(),
+            // No waiter registered: the remaining callers have not been polled since they
+            // attached, and the first of them to be polled drives.
+        }
+    }
+
+    /// The last caller left a running call: takes the future out to be dropped.
+    fn abandon(&self) -> Option<BoxFuture<O>> {
+        match std::mem::replace(&mut self.state.lock().phase, Phase::Abandoned) {
+            Phase::Running { fut, .. } => fut,
+            _ => None,
         }
     }
 }
 
-/// One caller's attachment to a shared call: a future resolving to the call's value.
+// ---- one caller -----------------------------------------------------------------------------
+
+enum JoinState<K, F, O, T> {
+    /// Not polled yet: not in the table.
+    Init { key: K, fut: F },
+    /// Holds and drives the shared future; `slot` once known (a follower that took over).
+    Driving {
+        fut: BoxFuture<O>,
+        slot: Option<Arc<Slot<O, T>>>,
+    },
+    /// A follower waiting for the value.
+    Waiting { slot: Arc<Slot<O, T>> },
+    /// Resolved, or left.
+    Done,
+}
+
+/// One caller's share of a shared call: a future resolving to the call's value.
 ///
-/// Dropping it before it resolves detaches the caller: if it was driving, another attached
-/// caller takes over; if it was the last, the shared future is dropped and the entry removed.
+/// On its first poll it joins the call in flight for its key, or starts one. Dropping it
+/// before it resolves detaches the caller: if it was driving, another attached caller takes
+/// over; if it was the last, the shared future is dropped and the entry removed.
 ///
 /// # Panics
 ///
 /// When polled after it returned `Ready`. When it drives the shared future, that future
 /// panics, and [`resume_panics`](Self::resume_panics) is set (the default), the panic is
 /// resumed on this caller's task (after every other caller got the hooks' `panicked()` value).
-pub(crate) struct Join<O, T> {
-    slot: Arc<dyn Call<O, T>>,
-    /// The shared future, while this caller drives it.
-    fut: Option<BoxFuture<O>>,
+pub(crate) struct Join<K, F, O, T, H>
+where
+    H: Hooks<O, T>,
+{
+    table: Arc<Table<K, O, T, H>>,
+    state: JoinState<K, F, O, T>,
+    hash: u64,
+    id: u64,
     me: Me,
     /// Resume a panic of the shared future when this caller was the one polling it (`true`
     /// by default; the detached mode turns it off).
     pub(crate) resume_panics: bool,
 }
 
-impl<O, T> std::fmt::Debug for Join<O, T> {
+// `F` is never pinned in place: a leader boxes it before its first poll.
+impl<K, F, O, T, H: Hooks<O, T>> Unpin for Join<K, F, O, T, H> {}
+
+impl<K, F, O, T, H: Hooks<O, T>> std::fmt::Debug for Join<K, F, O, T, H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            JoinState::Init { .. } => "init",
+            JoinState::Driving { .. } => "driving",
+            JoinState::Waiting { .. } => "waiting",
+            JoinState::Done => "done",
+        };
         f.debug_struct("Join")
-            .field("driving", &self.fut.is_some())
-            .field("me", &self.me)
+            .field("state", &state)
             .finish_non_exhaustive()
     }
 }
 
-impl<O, T> Join<O, T> {
-    fn new(slot: Arc<dyn Call<O, T>>) -> Self {
-        Join {
-            slot,
-            fut: None,
-            me: Me::default(),
-            resume_panics: true,
+impl<K, F, O, T, H> Join<K, F, O, T, H>
+where
+    K: Hash + Eq + Send + 'static,
+    F: Future<Output = O> + Send + 'static,
+    O: Send + 'static,
+    T: Clone + Send + 'static,
+    H: Hooks<O, T>,
+{
+    /// First poll: joins the table as leader or follower.
+    fn enter(&mut self, key: K, fut: F) {
+        let table = &*self.table;
+        let hash = table.hasher.hash_one(&key);
+        self.hash = hash;
+        let mut guard = table.shard(hash);
+        let shard = &mut *guard;
+        if let Some(e) = shard.map.find_mut(hash, |e| e.key == key) {
+            e.followers += 1;
+            let slot = match &e.slot {
+                Some(slot) => {
+                    slot.attached.fetch_add(1, Ordering::AcqRel);
+                    slot.clone()
+                }
+                None => e.slot.insert(Arc::new(Slot::new())).clone(),
+            };
+            self.id = e.id;
+            shard.stats.followers += 1;
+            drop(guard);
+            drop(fut);
+            self.state = JoinState::Waiting { slot };
+            table.hooks.joined(Role::Follower);
+            return;
+        }
+        let id = shard.next_id;
+        shard.next_id = id.wrapping_add(1);
+        shard.map.insert_unique(
+            hash,
+            Entry {
+                hash,
+                id,
+                key,
+                slot: None,
+                followers: 0,
+            },
+            |e| e.hash,
+        );
+        shard.stats.leaders += 1;
+        drop(guard);
+        self.id = id;
+        self.state = JoinState::Driving {
+            fut: Box::pin(fut),
+            slot: None,
+        };
+        table.hooks.joined(Role::Leader);
+    }
+
+    /// The driver ends the call with its future's output (`Err`: it panicked): the entry
+    /// leaves the table first, so the next request starts a new call; then every waiter is
+    /// served. Returns the driver's own value.
+    fn finish(&mut self, out: Result<O, ()>) -> T {
+        let table = &*self.table;
+        let (out, end) = match out {
+            Ok(o) => (table.hooks.complete(o), End::Completed),
+            Err(()) => (table.hooks.panicked(), End::Panicked),
+        };
+        let entry = table
+            .shard(self.hash)
+            .remove(self.hash, self.id, end)
+            .expect("a running call keeps its entry while a caller is attached");
+        let followers = entry.followers;
+        let mine = match &entry.slot {
+            None => {
+                self.me.done = true;
+                out
+            }
+            Some(slot) => slot.deliver(&mut self.me, out),
+        };
+        drop(entry);
+        table.hooks.ended(end, followers);
+        mine
+    }
+}
+
+impl<K, F, O, T, H: Hooks<O, T>> Join<K, F, O, T, H> {
+    /// This caller leaves before its value: see [`Join`].
+    fn leave(&mut self) {
+        let (fut, slot) = match std::mem::replace(&mut self.state, JoinState::Done) {
+            JoinState::Init { .. } | JoinState::Done => return,
+            JoinState::Waiting { slot } => (None, slot),
+            JoinState::Driving { fut, slot } => {
+                let slot = match slot {
+                    Some(slot) => slot,
+                    None => {
+                        let mut shard = self.table.shard(self.hash);
+                        let entry = shard
+                            .map
+                            .find_mut(self.hash, |e| e.id == self.id)
+                            .expect("a running call keeps its entry while a caller is attached");
+                        match &entry.slot {
+                            Some(slot) => slot.clone(),
+                            None => {
+                                // Alone: abandon the call.
+                                let entry = shard.remove(self.hash, self.id, End::Abandoned);
+                                drop(shard);
+                                drop(fut);
+                                self.me.done = true;
+                                if let Some(entry) = entry {
+                                    self.table.hooks.ended(End::Abandoned, entry.followers);
+                                }
+                                return;
+                            }
+                        }
+                    }
+                };
+                (Some(fut), slot)
+            }
+        };
+        self.me.done = true;
+        let (running, unused) = slot.leave(&mut self.me, fut);
+        drop(unused);
+        if !running {
+            return;
+        }
+        match self.table.release(&slot, self.hash, self.id) {
+            Some(entry) => {
+                // The last caller left a running call: drop the future, outside every lock.
+                drop(slot.abandon());
+                let followers = entry.followers;
+                drop(entry);
+                self.table.hooks.ended(End::Abandoned, followers);
+            }
+            None => slot.hand_off(),
         }
     }
 }
 
-impl<O, T> Future for Join<O, T> {
+impl<K, F, O, T, H> Future for Join<K, F, O, T, H>
+where
+    K: Hash + Eq + Send + 'static,
+    F: Future<Output = O> + Send + 'static,
+    O: Send + 'static,
+    T: Clone + Send + 'static,
+    H: Hooks<O, T>,
+{
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         let this = &mut *self;
-        assert!(!this.me.done, "coalesced call polled after completion");
-        let fut = match &mut this.fut {
-            Some(fut) => fut,
-            None => match ready!(this.slot.poll_wait(&mut this.me, cx)) {
-                Wait::Value(v) => return Poll::Ready(v),
-                Wait::Drive(fut) => this.fut.insert(fut),
-            },
-        };
-        // Drive, holding no lock.
-        let out = match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(out)) => Ok(out),
-            Err(payload) => Err(payload),
-        };
-        let fut = this.fut.take();
-        let (v, payload) = match out {
-            Ok(o) => (this.slot.finish(&mut this.me, Ok(o)), None),
-            Err(p) => (this.slot.finish(&mut this.me, Err(())), Some(p)),
-        };
-        // Dropped once every caller was served (its destructor is the upstream's code).
-        drop(fut);
-        match payload {
-            Some(p) if this.resume_panics => {
-                drop(v);
-                resume_unwind(p)
+        loop {
+            match &mut this.state {
+                JoinState::Init { .. } => {
+                    let JoinState::Init { key, fut } =
+                        std::mem::replace(&mut this.state, JoinState::Done)
+                    else {
+                        unreachable!()
+                    };
+                    this.enter(key, fut);
+                }
+                JoinState::Waiting { slot } => match slot.poll_wait(&mut this.me, cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Wait::Value(v)) => {
+                        this.state = JoinState::Done;
+                        return Poll::Ready(v);
+                    }
+                    Poll::Ready(Wait::Drive(fut)) => {
+                        let slot = slot.clone();
+                        this.state = JoinState::Driving {
+                            fut,
+                            slot: Some(slot),
+                        };
+                    }
+                },
+                JoinState::Driving { fut, .. } => {
+                    // Drive, holding no lock.
+                    let out = match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                        Ok(Poll::Pending) => return Poll::Pending,
+                        Ok(Poll::Ready(out)) => Ok(out),
+                        Err(payload) => Err(payload),
+                    };
+                    let state = std::mem::replace(&mut this.state, JoinState::Done);
+                    let (v, payload) = match out {
+                        Ok(o) => (this.finish(Ok(o)), None),
+                        Err(p) => (this.finish(Err(())), Some(p)),
+                    };
+                    // Dropped once every caller was served (its destructor is upstream code).
+                    drop(state);
+                    return match payload {
+                        Some(p) if this.resume_panics => {
+                            drop(v);
+                            resume_unwind(p)
+                        }
+                        _ => Poll::Ready(v),
+                    };
+                }
+                JoinState::Done => panic!("coalesced call polled after completion"),
             }
-            _ => Poll::Ready(v),
         }
     }
 }
 
-impl<O, T> Drop for Join<O, T> {
+impl<K, F, O, T, H: Hooks<O, T>> Drop for Join<K, F, O, T, H> {
     fn drop(&mut self) {
         if !self.me.done {
-            self.slot.leave(&mut self.me, self.fut.take());
+            self.leave();
         }
     }
 }
@@ -658,13 +777,15 @@ mod tests {
 
     #[derive(Default)]
     struct Counting {
-        started: AtomicU64,
+        leaders: AtomicU64,
         ended: Mutex<Vec<(End, u64)>>,
     }
 
     impl Hooks<u32, u32> for Arc<Counting> {
-        fn started(&self) {
-            self.started.fetch_add(1, Ordering::SeqCst);
+        fn joined(&self, role: Role) {
+            if role == Role::Leader {
+                self.leaders.fetch_add(1, Ordering::SeqCst);
+            }
         }
         fn ended(&self, end: End, followers: u64) {
             self.ended.lock().push((end, followers));
@@ -690,24 +811,33 @@ mod tests {
         }
     }
 
+    /// Polls `fut` once (joining the table), then returns it.
+    async fn poll_once<F: Future + Unpin>(mut fut: F) -> F {
+        std::future::poll_fn(|cx| {
+            assert!(Pin::new(&mut fut).poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        fut
+    }
+
     #[tokio::test(start_paused = true)]
     async fn detached_call_runs_to_completion_without_callers() {
         let (t, hooks) = table();
         let runs = Arc::new(AtomicU64::new(0));
         let r = runs.clone();
-        let (role, task) = t.spawn_detached(
+        let task = t.spawn_detached(
             1,
-            move || async move {
+            async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 r.fetch_add(1, Ordering::SeqCst);
                 7
             },
             None,
         );
-        assert_eq!(role, Role::Leader);
+        settle().await;
         // A foreground caller attaches, then leaves: the call goes on.
-        let (role, join) = t.join(1, std::future::pending);
-        assert_eq!(role, Role::Follower);
+        let join = poll_once(t.join(1, std::future::pending())).await;
         drop(join);
         settle().await;
         assert_eq!(t.stats().in_flight, 1);
@@ -724,16 +854,16 @@ mod tests {
             }
         );
         assert_eq!(*hooks.ended.lock(), vec![(End::Completed, 1)]);
-        assert_eq!(hooks.started.load(Ordering::SeqCst), 1);
+        assert_eq!(hooks.leaders.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn detached_call_is_dropped_at_its_deadline_when_nobody_else_waits() {
         let (t, hooks) = table();
         let start = Instant::now();
-        let (_, task) = t.spawn_detached(
+        let task = t.spawn_detached(
             2,
-            || async {
+            async {
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 1
             },
@@ -750,16 +880,16 @@ mod tests {
     async fn detached_deadline_leaves_the_call_to_attached_callers() {
         let (t, _) = table();
         let start = Instant::now();
-        let (_, task) = t.spawn_detached(
+        let task = t.spawn_detached(
             3,
-            || async {
+            async {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 9
             },
             Some(start + Duration::from_millis(100)),
         );
-        let (_, join) = t.join(3, std::future::pending);
-        let waiter = tokio::spawn(join);
+        settle().await;
+        let waiter = tokio::spawn(t.join(3, std::future::pending()));
         task.await.unwrap();
         assert_eq!(t.stats().in_flight, 1, "still running for the waiter");
         assert_eq!(waiter.await.unwrap(), 9);
@@ -770,20 +900,28 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn detached_panic_is_caught_and_shared() {
         let (t, hooks) = table();
-        let (_, task) = t.spawn_detached(
+        let task = t.spawn_detached(
             4,
-            || async {
+            async {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 panic!("upstream bug")
             },
             None,
         );
-        let (_, join) = t.join(4, std::future::pending);
-        let waiter = tokio::spawn(join);
+        settle().await;
+        let waiter = tokio::spawn(t.join(4, std::future::pending()));
         task.await.expect("the detached task does not unwind");
         assert_eq!(waiter.await.unwrap(), u32::MAX);
         assert_eq!(t.stats().panics, 1);
         assert_eq!(t.stats().in_flight, 0);
         assert_eq!(*hooks.ended.lock(), vec![(End::Panicked, 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unpolled_share_never_joins() {
+        let (t, hooks) = table();
+        drop(t.join(5, async { 1 }));
+        assert_eq!(t.stats(), Stats::default());
+        assert!(hooks.ended.lock().is_empty());
     }
 }

@@ -1,6 +1,8 @@
 use std::fmt;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
@@ -8,31 +10,41 @@ use tower::Service;
 
 use super::core::Join;
 use super::error::Failure;
-use super::layer::Shared;
+use super::layer::{Instruments, Shared};
 use crate::error::BoxError;
 
 /// The response future of [`Coalesce`](super::Coalesce): one caller's share of a coalesced
 /// call.
 ///
 /// Resolves to a clone of the shared response (the last caller to take it gets the
-/// original), or to the shared error: a [`SharedError`] around the inner error, or a
+/// original), or to the shared error: a [`SharedError`](super::SharedError) around the inner error, or a
 /// [`BreakwaterError`](crate::error::BreakwaterError) of kind
 /// [`Panicked`](crate::error::ErrorKind::Panicked) when the shared call panicked while another
 /// caller was polling it.
 ///
-/// Dropping it before it resolves detaches this caller only: the shared call goes on for the
-/// others (one of them takes over polling it), and is dropped when no caller is left.
+/// It joins the call for its key when first polled (as the leader, starting the call with its
+/// own request, or as a follower). Dropping it before it resolves detaches this caller only:
+/// the shared call goes on for the others (one of them takes over polling it), and is dropped
+/// when no caller is left.
 ///
 /// # Panics
 ///
 /// When polled after it returned `Ready`; and, when this caller was the one polling the
 /// shared call when it panicked, with that panic (resumed after every other caller was
 /// given its error).
-pub struct ResponseFuture<R> {
-    join: Join<Result<R, BoxError>, Shared<R>>,
+pub struct ResponseFuture<S, Req, K>
+where
+    S: Service<Req>,
+    S::Response: Send + 'static,
+{
+    join: CallShare<S, Req, K>,
 }
 
-impl<R> fmt::Debug for ResponseFuture<R> {
+impl<S, Req, K> fmt::Debug for ResponseFuture<S, Req, K>
+where
+    S: Service<Req>,
+    S::Response: Send + 'static,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("join", &self.join)
@@ -40,14 +52,26 @@ impl<R> fmt::Debug for ResponseFuture<R> {
     }
 }
 
-impl<R> ResponseFuture<R> {
-    pub(super) fn new(join: Join<Result<R, BoxError>, Shared<R>>) -> Self {
+impl<S, Req, K> ResponseFuture<S, Req, K>
+where
+    S: Service<Req>,
+    S::Response: Send + 'static,
+{
+    pub(super) fn new(join: CallShare<S, Req, K>) -> Self {
         ResponseFuture { join }
     }
 }
 
-impl<R> Future for ResponseFuture<R> {
-    type Output = Result<R, BoxError>;
+impl<S, Req, K> Future for ResponseFuture<S, Req, K>
+where
+    S: Service<Req> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    Req: Send + 'static,
+    K: Hash + Eq + Send + 'static,
+{
+    type Output = Result<S::Response, BoxError>;
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -56,6 +80,15 @@ impl<R> Future for ResponseFuture<R> {
             .map(|r| r.map_err(Failure::into_box))
     }
 }
+
+/// One caller's share of a coalesced call through [`Upstream`].
+type CallShare<S, Req, K> = Join<
+    K,
+    Upstream<S, Req>,
+    Result<<S as Service<Req>>::Response, BoxError>,
+    Shared<<S as Service<Req>>::Response>,
+    Arc<Instruments>,
+>;
 
 pin_project! {
     #[project = StateProj]

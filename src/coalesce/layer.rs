@@ -26,7 +26,7 @@ pub(super) type Slots<K, R> = Table<K, Result<R, BoxError>, Shared<R>, Arc<Instr
 #[derive(Debug)]
 pub(super) struct Instruments {
     pub(super) name: Arc<str>,
-    /// Indexed by [`role_index`].
+    /// By role: leader, follower.
     calls: [Counter; 2],
     in_flight: Gauge,
     followers: Option<Histogram>,
@@ -35,22 +35,16 @@ pub(super) struct Instruments {
 
 const ROLES: [&str; 2] = ["leader", "follower"];
 
-impl Instruments {
-    /// Counts a call by role.
-    #[inline]
-    pub(super) fn call(&self, role: Role) {
-        let i = match role {
-            Role::Leader => 0,
-            Role::Follower => 1,
-        };
-        self.calls[i].increment(1);
-    }
-}
-
 impl<R: Send + 'static> Hooks<Result<R, BoxError>, Shared<R>> for Arc<Instruments> {
     #[inline]
-    fn started(&self) {
-        self.in_flight.increment(1.0);
+    fn joined(&self, role: Role) {
+        match role {
+            Role::Leader => {
+                self.calls[0].increment(1);
+                self.in_flight.increment(1.0);
+            }
+            Role::Follower => self.calls[1].increment(1),
+        }
     }
 
     fn ended(&self, end: End, followers: u64) {

@@ -45,8 +45,11 @@
 //!   same response type) **coalesces across them when keys are equal**, so keys should include
 //!   what distinguishes routes.
 //! - **While a call for key K is in flight**, further requests for K wait for its result.
-//!   When it ends, its entry leaves the in-flight table before anyone is woken, so the next
-//!   request for K starts a new call. Nothing is cached, errors included.
+//!   A caller joins when its response future is **first polled** (the key is computed in
+//!   `call`): it becomes the leader if no call for K is in flight, a follower otherwise. A
+//!   response future dropped before its first poll never joins, and its request goes nowhere.
+//!   When a call ends, its entry leaves the in-flight table before anyone is woken, so the
+//!   next request for K starts a new call. Nothing is cached, errors included.
 //! - **Cancellation.** The shared call keeps running while at least one caller is attached,
 //!   whichever caller started it; no caller ever gets an error because another went away.
 //!   When every caller has dropped its future, the shared future is dropped (cancelling the
@@ -83,10 +86,11 @@
 //! # Admission and `Clone`
 //!
 //! Following the crate's [admission rule](crate#the-admission-rule), `poll_ready` always
-//! returns `Ready(Ok(()))` and reserves nothing. The key is computed in `call`; a leader's
-//! shared call then drives readiness of a **clone** of the inner service and calls it, so a
-//! follower never touches the inner service (it consumes no permit, token or connection of
-//! an inner layer). The inner service must be `Clone`; wrap a non-`Clone` service in
+//! returns `Ready(Ok(()))` and reserves nothing. `call` computes the key and clones the inner
+//! service into the response future; a leader's shared call then drives readiness of that
+//! **clone** and calls it, so a follower never touches the inner service (it consumes no
+//! permit, token or connection of an inner layer; its clone is dropped unused). The inner
+//! service must be `Clone` (cheaply: once per call); wrap a non-`Clone` service in
 //! `tower::buffer::Buffer`.
 //!
 //! # Metrics, events, snapshots
@@ -114,40 +118,44 @@
 //!
 //! - **In-flight table.** Sharded (four shards per core, a power of two), each shard a
 //!   `hashbrown::HashTable` under a `parking_lot::Mutex`. A shard lock is held only to find,
-//!   insert or remove one entry (and, for a leader, to build its shared call: a clone of the
-//!   inner service and two allocations), never while a future is polled or a waker woken.
-//!   Entries keep their hash and are removed by slot identity, so a finished call never
-//!   needs its key again: no `K: Clone`, no key clone per call. (A general concurrent map
-//!   such as `dashmap` removes by key, which would force a key clone per call; ours is the
-//!   few lines that avoid it.) The hash is std's `RandomState` (SipHash), since keys are
-//!   often built from client input.
-//! - **Shared call.** One `Arc` per call (the slot: a mutex over the phase, the waiter list
-//!   and the future; an atomic count of attached callers). The future is stored as
-//!   `Pin<Box<F>>`, its concrete type, not a trait object: pinning it in place inside the
-//!   shared slot would need `unsafe` code, which the crate forbids, so the box is the second
-//!   allocation. While polling, the driver takes the box out of the mutex, so no lock is held
-//!   across the poll. The waiter list is a `slab::Slab<Option<Waker>>` (amortized growth;
-//!   removal in O(1) when a waiter leaves). The slot is seen through a trait object by the
-//!   table, so one table serves services with different future types.
-//! - **Cost.** A leader allocates twice (slot and boxed future; the table's own storage grows
-//!   amortized and keeps its capacity). A follower allocates nothing of its own; the first
-//!   waiters of a call grow its waiter list (one allocation for up to four waiters). The
-//!   result moves to the last caller to take it, so an uncontended call clones nothing.
+//!   insert or remove one entry, never while a future is polled, a waker woken or a hook run.
+//!   Entries keep their hash and a per-shard id, so a finished call removes its entry without
+//!   its key: no `K: Clone`, no key clone per call. (A general concurrent map such as
+//!   `dashmap` removes by key, which would force a key clone per call, an allocation for
+//!   string keys; the sharded table is the few lines that avoid it.) The hash is std's
+//!   `RandomState` (SipHash), since keys are often built from client input.
+//! - **Shared call.** The leader boxes its future (`Pin<Box<dyn Future>>`: pinning it in
+//!   place inside shared state would need `unsafe` code, which the crate forbids) and drives
+//!   it from its own response future, holding no lock. Shared state, the *slot* (an `Arc`
+//!   with a mutex over the phase, the waiter list and the future while nobody drives it, and
+//!   an atomic count of attached callers), is made only when the first follower arrives. A
+//!   driver that leaves puts the future into the slot and wakes one waiter to take it. The
+//!   waiter list is a `slab::Slab<Option<Waker>>` (amortized growth; O(1) removal when a
+//!   waiter leaves). Entries and slots are independent of the future's type, so one table
+//!   serves services with different future types.
+//! - **Cost.** An uncontended call allocates once (the boxed future) and takes a shard lock
+//!   twice (enter, leave); it makes no slot and clones nothing (the value moves to the last
+//!   caller to take it). A shared call allocates twice (boxed future, slot), plus its waiter
+//!   list's amortized growth (one allocation for up to four waiters); a follower allocates
+//!   nothing of its own.
 //!
 //! ## Why no model checker
 //!
-//! Every transition of a shared call happens under its slot mutex, except two, both argued
-//! here. (1) *Attaching* increments the attached count under the entry's shard lock, and a
-//! count can drop to zero only under that same lock while the entry is in the table (a
-//! leaving caller that might be the last takes the shard lock, decrements, and removes the
-//! entry if it reached zero); so no follower can attach to an abandoned call, and the last
-//! caller is decided exactly. (2) *Finishing* removes the entry (shard lock) before storing
-//! the value and waking waiters (slot lock), so every caller that attached is either woken or
-//! sees the value on its next poll, and callers arriving later start a new call. The value
-//! is moved out only by the caller whose decrement took the count to zero, under the slot
-//! lock, after which no caller is left to clone it. Locks are never nested (shard and slot
-//! locks are taken one at a time), so there is no lock-order deadlock. The multi-thread
-//! tests exercise these paths on a real runtime.
+//! The state of a shared call changes under two kinds of lock, never nested: the shard lock
+//! of its entry and, once there is one, the slot's mutex. (1) *Joining* happens under the
+//! shard lock: the first follower makes the slot there (counting the leader and itself as
+//! attached), later followers increment the count there; a leader still alone ends or
+//! abandons its call under that same lock, so no follower can attach to a call that is gone.
+//! (2) The attached count drops to zero only under the shard lock while the entry is in the
+//! table (a leaving caller that might be the last takes the lock, decrements, and removes the
+//! entry if it reached zero), so the last caller is decided exactly and the future is dropped
+//! once. (3) *Finishing* removes the entry (shard lock) before storing the value and waking
+//! waiters (slot lock), so every caller that attached is woken or finds the value on its
+//! next poll, and later callers start a new call. The value is moved out only by the caller
+//! whose decrement took the count to zero, under the slot lock. (4) Driving is exclusive:
+//! the future is held by one caller at a time, taken from or put back into the slot under
+//! its lock, and a leaving driver nominates exactly one registered waiter. The multi-thread
+//! tests exercise these paths, including a driver leaving while the other thread attaches.
 
 mod core;
 mod error;
@@ -156,7 +164,7 @@ mod layer;
 mod service;
 
 #[allow(unused_imports)] // the response cache builds on the core
-pub(crate) use self::core::{End, Hooks, Join, Role, Stats, Table};
+pub(crate) use self::core::{AnyTable, End, Hooks, Join, Role, Stats, Table};
 pub use error::{SharedError, find_inner};
 pub use future::ResponseFuture;
 pub use layer::{CoalesceBuilder, CoalesceHandle, CoalesceLayer, NoKey};

@@ -74,7 +74,7 @@ where
 {
     type Response = R;
     type Error = BoxError;
-    type Future = ResponseFuture<R>;
+    type Future = ResponseFuture<S, Req, K>;
 
     #[inline]
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -84,10 +84,7 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.key)(&req);
-        let inner = &self.inner;
-        let hooks = self.table.hooks();
-        let (role, join) = self.table.join(key, || Upstream::new(inner.clone(), req));
-        hooks.call(role);
-        ResponseFuture::new(join)
+        let upstream = Upstream::new(self.inner.clone(), req);
+        ResponseFuture::new(self.table.join(key, upstream))
     }
 }
