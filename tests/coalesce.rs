@@ -694,3 +694,39 @@ fn tasks_on_a_multi_thread_runtime_share_calls_without_overlap() {
     );
     assert_eq!(snap.gauge("in_flight_keys"), Some(0.0));
 }
+
+#[test]
+fn services_and_response_futures_are_send() {
+    fn send<T: Send + 'static>(_: &T) {}
+    let mut svc = by_key().layer(sleeper(1, Count::default(), Count::default()));
+    send(&svc);
+    let fut = svc.call(1);
+    send(&fut);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_sleep_while_the_driver_is_woken_many_times() {
+    // The upstream call wakes its driver 50 times over 50 ms (a chatty client).
+    let inner = service_fn(|k: u32| async move {
+        for _ in 0..50 {
+            sleep(Duration::from_millis(1)).await;
+        }
+        Ok::<_, io::Error>(k)
+    });
+    let mut svc = by_key().layer(inner);
+    let polls: Vec<Count> = (0..4).map(|_| Count::default()).collect();
+    let mut tasks = Vec::new();
+    for p in &polls {
+        let fut = svc.ready().await.unwrap().call(8);
+        tasks.push(tokio::spawn(Counted {
+            fut,
+            polls: p.clone(),
+        }));
+    }
+    for t in tasks {
+        assert_eq!(within(t).await.unwrap().unwrap(), 8);
+    }
+    // The driver: one poll per wake-up (51); each waiter: register, take.
+    let counts: Vec<u64> = polls.iter().map(Count::get).collect();
+    assert_eq!(counts, vec![51, 2, 2, 2]);
+}
