@@ -96,7 +96,7 @@
 //! # Metrics, events, snapshots
 //!
 //! - `breakwater_coalesce_calls_total{name, role}`: calls by `role`, `leader` (went upstream)
-//!   or `follower` (shared a call in flight);
+//!   or `follower` (shared a call in flight), counted when the caller joins (first poll);
 //! - `breakwater_coalesce_in_flight_keys{name}`: keys with a shared call in flight;
 //! - `breakwater_coalesce_followers_per_call{name}`: followers of each shared call, recorded
 //!   when it ends (opt-in: [`followers_histogram(true)`](CoalesceBuilder::followers_histogram)).
