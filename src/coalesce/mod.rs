@@ -57,7 +57,8 @@
 //! - **Results.** The response is delivered to every caller: all but the last to take it get
 //!   a clone, hence the bound `Response: Clone` (for a large response, map it to an `Arc<_>`
 //!   first, e.g. with `tower::ServiceBuilder::map_response(Arc::new)`, so clones are cheap).
-//!   The response type is unchanged, so the layer stacks with others.
+//!   The response type is unchanged, so the layer stacks with others. Coalescing judges no
+//!   outcome (successes and errors are shared alike), so it takes no classifier.
 //! - **Errors** reach every caller as a [`SharedError`] (`Arc`-shared, `source()` = the inner
 //!   error). [`error::find`](crate::error::find) sees through it; reach the inner error by type
 //!   with [`find_inner`] or [`SharedError::downcast_ref`]. Every caller gets this wrapper,
