@@ -71,6 +71,12 @@ pub enum EventKind {
     RefreshFailed,
     /// A shared (coalesced) call panicked; its waiters got an error.
     Panicked,
+    /// A shared (coalesced) call ended and its result (value or error) went to `followers`
+    /// callers besides the one that started it (emitted only when `followers >= 1`).
+    Coalesced {
+        /// Callers that shared the call without going upstream.
+        followers: u64,
+    },
 }
 
 impl EventKind {

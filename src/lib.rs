@@ -8,6 +8,7 @@
 //! | timeout | a slow dependency holding callers' resources | [`timeout`] |
 //! | circuit breaker | calling a dependency that is failing | [`circuit_breaker`] |
 //! | rate limiter (GCRA, shared or keyed) | overwhelming an external API; one client starving others | [`rate_limit`] |
+//! | coalescing (singleflight) | identical concurrent requests each going upstream | [`coalesce`] |
 //!
 //! Every layer is a `tower::Layer`, usable in `tower::ServiceBuilder`, and shares the same
 //! foundations:
@@ -79,6 +80,8 @@ pub mod snapshot;
 
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
+#[cfg(feature = "coalesce")]
+pub mod coalesce;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "timeout")]

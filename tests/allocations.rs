@@ -210,3 +210,119 @@ mod rate_limit {
         assert_eq!(permitted("keyed"), Some(100 + 3 * CALLS));
     }
 }
+
+#[cfg(feature = "coalesce")]
+mod coalesce {
+    use super::*;
+    use tower_breakwater::coalesce::CoalesceLayer;
+
+    /// As the module's `ready_inner`, with `Send` futures (the shared call may move across
+    /// threads).
+    fn ready_inner()
+    -> impl Service<u32, Response = u32, Error = std::convert::Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|x: u32| std::future::ready(Ok(x)))
+    }
+
+    /// As the module's `yielding_inner`, with `Send` futures.
+    fn yielding_inner()
+    -> impl Service<u32, Response = u32, Error = std::convert::Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|x: u32| async move {
+            tokio::task::yield_now().await;
+            Ok(x)
+        })
+    }
+
+    fn layer() -> CoalesceLayer<u32, u32, fn(&u32) -> u32> {
+        CoalesceLayer::builder()
+            .key((|k: &u32| *k) as fn(&u32) -> u32)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn uncontended_leader_allocates_the_boxed_future_only() {
+        let rt = runtime();
+        let svc = tower::Layer::layer(&layer(), ready_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), CALLS);
+        let svc = tower::Layer::layer(&layer(), yielding_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), CALLS, "pending once");
+    }
+
+    #[test]
+    fn uncontended_leader_allocates_the_same_with_a_recorder() {
+        let rt = runtime();
+        let rec = TestRecorder::default();
+        let layer = rec.install_while(layer);
+        let svc = tower::Layer::layer(&layer, yielding_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), CALLS);
+        assert_eq!(
+            rec.counter(
+                "breakwater_coalesce_calls_total",
+                &[("name", "default"), ("role", "leader")]
+            ),
+            Some(100 + 3 * CALLS)
+        );
+    }
+
+    /// Allocations of `ROUNDS` shared calls, each with `n - 1` followers waiting while the
+    /// leader's inner call is pending (difference of two runs, as `allocs_per_call` does).
+    fn allocs_per_round(rt: &tokio::runtime::Runtime, n: usize) -> u64 {
+        const ROUNDS: u64 = 200;
+        let mut svc = tower::Layer::layer(&layer(), yielding_inner());
+        let mut run = |rounds: u64| {
+            allocation_counter::measure(|| {
+                rt.block_on(async {
+                    for _ in 0..rounds {
+                        let mut call = || svc.call(1);
+                        match n {
+                            2 => {
+                                let (a, b) = tokio::join!(call(), call());
+                                assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
+                            }
+                            4 => {
+                                let r = tokio::join!(call(), call(), call(), call());
+                                assert_eq!(r.3.unwrap(), 1);
+                            }
+                            8 => {
+                                let r = tokio::join!(
+                                    call(),
+                                    call(),
+                                    call(),
+                                    call(),
+                                    call(),
+                                    call(),
+                                    call(),
+                                    call()
+                                );
+                                assert_eq!(r.7.unwrap(), 1);
+                            }
+                            _ => unreachable!(),
+                        }
+                    }
+                })
+            })
+            .count_total
+        };
+        run(10);
+        let once = run(ROUNDS);
+        let twice = run(2 * ROUNDS);
+        (twice - once) / ROUNDS
+    }
+
+    #[test]
+    fn followers_allocate_nothing_of_their_own() {
+        let rt = runtime();
+        // Boxed future + the slot the first follower makes + the waiter list's first growth
+        // (room for four waiters).
+        assert_eq!(allocs_per_round(&rt, 2), 3, "one follower");
+        assert_eq!(allocs_per_round(&rt, 4), 3, "three followers: no more");
+        // Seven waiters: the waiter list grows once more (amortized doubling).
+        assert_eq!(allocs_per_round(&rt, 8), 4, "seven followers");
+    }
+}

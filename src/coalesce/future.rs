@@ -1,0 +1,155 @@
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tower::Service;
+
+use super::core::Join;
+use super::error::Failure;
+use super::layer::{Instruments, Shared};
+use crate::error::BoxError;
+
+/// The response future of [`Coalesce`](super::Coalesce): one caller's share of a coalesced
+/// call.
+///
+/// Resolves to a clone of the shared response (the last caller to take it gets the
+/// original), or to the shared error: a [`SharedError`](super::SharedError) around the inner error, or a
+/// [`BreakwaterError`](crate::error::BreakwaterError) of kind
+/// [`Panicked`](crate::error::ErrorKind::Panicked) when the shared call panicked while another
+/// caller was polling it.
+///
+/// It joins the call for its key when first polled (as the leader, starting the call with its
+/// own request, or as a follower). Dropping it before it resolves detaches this caller only:
+/// the shared call goes on for the others (one of them takes over polling it), and is dropped
+/// when no caller is left.
+///
+/// # Panics
+///
+/// When polled after it returned `Ready`; and, when this caller was the one polling the
+/// shared call when it panicked, with that panic (resumed after every other caller was
+/// given its error).
+pub struct ResponseFuture<S, Req, K>
+where
+    S: Service<Req>,
+    S::Response: Send + 'static,
+{
+    join: CallShare<S, Req, K>,
+}
+
+impl<S, Req, K> fmt::Debug for ResponseFuture<S, Req, K>
+where
+    S: Service<Req>,
+    S::Response: Send + 'static,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("join", &self.join)
+            .finish()
+    }
+}
+
+impl<S, Req, K> ResponseFuture<S, Req, K>
+where
+    S: Service<Req>,
+    S::Response: Send + 'static,
+{
+    pub(super) fn new(join: CallShare<S, Req, K>) -> Self {
+        ResponseFuture { join }
+    }
+}
+
+impl<S, Req, K> Future for ResponseFuture<S, Req, K>
+where
+    S: Service<Req> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    Req: Send + 'static,
+    K: Hash + Eq + Send + 'static,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.join)
+            .poll(cx)
+            .map(|r| r.map_err(Failure::into_box))
+    }
+}
+
+/// One caller's share of a coalesced call through [`Upstream`].
+type CallShare<S, Req, K> = Join<
+    K,
+    Upstream<S, Req>,
+    Result<<S as Service<Req>>::Response, BoxError>,
+    Shared<<S as Service<Req>>::Response>,
+    Arc<Instruments>,
+>;
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req, F> {
+        // Waiting for the inner clone to be ready; `req` is taken when it is.
+        Ready { svc: S, req: Option<Req> },
+        Called { #[pin] fut: F },
+        Done,
+    }
+}
+
+pin_project! {
+    /// The shared call: readiness of a clone of the inner service, then the leader's request.
+    pub(super) struct Upstream<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req, S::Future>,
+    }
+}
+
+impl<S: Service<Req>, Req> Upstream<S, Req> {
+    pub(super) fn new(svc: S, req: Req) -> Self {
+        Upstream {
+            state: State::Ready {
+                svc,
+                req: Some(req),
+            },
+        }
+    }
+}
+
+impl<S, Req> Future for Upstream<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let result = loop {
+            match this.state.as_mut().project() {
+                StateProj::Ready { svc, req } => match svc.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        let req = req.take().expect("request present until called");
+                        let fut = svc.call(req);
+                        this.state.set(State::Called { fut });
+                    }
+                    Poll::Ready(Err(e)) => break Err(e.into()),
+                    Poll::Pending => return Poll::Pending,
+                },
+                StateProj::Called { fut } => match fut.poll(cx) {
+                    Poll::Ready(r) => break r.map_err(Into::into),
+                    Poll::Pending => return Poll::Pending,
+                },
+                StateProj::Done => panic!("shared call polled after completion"),
+            }
+        };
+        this.state.set(State::Done);
+        Poll::Ready(result)
+    }
+}

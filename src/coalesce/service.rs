@@ -1,0 +1,90 @@
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::Service;
+
+use super::ResponseFuture;
+use super::future::Upstream;
+use super::layer::Slots;
+use crate::error::BoxError;
+
+/// A service that coalesces concurrent identical requests, made by
+/// [`CoalesceLayer`](super::CoalesceLayer).
+///
+/// `K` is the key type, `R` the response type, `F` the key function. `poll_ready` is always
+/// ready and reserves nothing; the shared call drives a clone of the inner service (see the
+/// [module docs](crate::coalesce#admission-and-clone)).
+pub struct Coalesce<S, K, R, F> {
+    inner: S,
+    table: Arc<Slots<K, R>>,
+    key: F,
+}
+
+impl<S: Clone, K, R, F: Clone> Clone for Coalesce<S, K, R, F> {
+    fn clone(&self) -> Self {
+        Coalesce {
+            inner: self.inner.clone(),
+            table: self.table.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K, R, F> fmt::Debug for Coalesce<S, K, R, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coalesce")
+            .field("inner", &self.inner)
+            .field("name", &self.table.hooks().name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, R, F> Coalesce<S, K, R, F> {
+    pub(super) fn new(inner: S, table: Arc<Slots<K, R>>, key: F) -> Self {
+        Coalesce { inner, table, key }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, K, R, F, Req> Service<Req> for Coalesce<S, K, R, F>
+where
+    S: Service<Req, Response = R> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    R: Clone + Send + 'static,
+    Req: Send + 'static,
+    K: Hash + Eq + Send + 'static,
+    F: Fn(&Req) -> K,
+{
+    type Response = R;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, K>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        let key = (self.key)(&req);
+        let upstream = Upstream::new(self.inner.clone(), req);
+        ResponseFuture::new(self.table.join(key, upstream))
+    }
+}
