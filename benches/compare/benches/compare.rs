@@ -44,12 +44,31 @@ fn main() {
     stack(&mut h);
     contended(&mut h);
 
-    let table = h.table();
+    let table = format!("{}\n{}", machine(), h.table());
     println!("\n{table}");
     let path = breakwater_compare::criterion_home().join("breakwater-compare.md");
     if std::fs::write(&path, &table).is_ok() {
         println!("(also written to {})", path.display());
     }
+}
+
+/// One line naming the CPU and the cores this run had.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "{cpu}, {cores} cores, {} {}, current-thread tokio runtime, criterion median\n",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    )
 }
 
 fn baseline(h: &mut Harness) {
