@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use breakwater_compare::{Harness, inner};
@@ -188,19 +189,45 @@ fn recloser_breaker() -> recloser::AsyncRecloser {
 
 fn cache(h: &mut Harness) {
     let mut c = h.category("cache", "cache hit").requests(|_| HOT_KEY);
-    // ours: c.ours("breakwater cache hit", <cache layer, HOT_KEY filled>);
+    // ours: let (inner, upstream) = counting_inner(); fill, measure, check_hits(..) as below.
+    let (upstream_svc, upstream) = counting_inner();
     let mut resilience = tower_resilience::cache::CacheLayer::builder()
         .key_extractor(|req: &u64| *req)
         .build()
         .expect("valid cache")
-        .layer(inner());
+        .layer(upstream_svc);
     fill(&mut resilience);
     c.peer("tower-resilience cache hit", resilience);
+    check_hits("tower-resilience cache", &upstream);
     let moka = moka::future::Cache::<u64, u64>::new(100);
     breakwater_compare::runtime().block_on(moka.insert(HOT_KEY, HOT_KEY));
     c.peer_fn("moka get", async |_| {
         moka.get(&HOT_KEY).await.expect("a hit")
     });
+}
+
+/// An inner service like [`inner`] that counts the calls reaching it.
+fn counting_inner() -> (
+    impl tower::Service<u64, Response = u64, Error = Infallible, Future: Send> + Clone + Send,
+    Arc<AtomicU64>,
+) {
+    let calls = Arc::new(AtomicU64::new(0));
+    let counter = calls.clone();
+    let svc = tower::service_fn(move |x: u64| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        std::future::ready(Ok(x))
+    });
+    (svc, calls)
+}
+
+/// Panics unless the only call that reached upstream was the one that filled the cache (a
+/// measurement of misses would be worthless).
+fn check_hits(subject: &str, upstream: &AtomicU64) {
+    let calls = upstream.load(Ordering::Relaxed);
+    assert_eq!(
+        calls, 1,
+        "{subject}: {calls} calls reached upstream, so not every call hit"
+    );
 }
 
 /// Calls `svc` once with [`HOT_KEY`], so that the next calls hit.

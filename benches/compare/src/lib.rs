@@ -20,7 +20,7 @@ use std::future::Ready;
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::Criterion;
 use tokio::runtime::Runtime;
@@ -67,6 +67,9 @@ pub struct Harness {
     criterion: Criterion,
     rt: Runtime,
     rows: Vec<Row>,
+    /// Estimates written before this are from an earlier run (criterion's test mode, for
+    /// one, runs the subjects without writing any) and are not reported.
+    started: SystemTime,
 }
 
 impl Harness {
@@ -76,6 +79,7 @@ impl Harness {
             criterion,
             rt: runtime(),
             rows: Vec::new(),
+            started: SystemTime::now(),
         }
     }
 
@@ -150,7 +154,7 @@ impl Harness {
             let rows = &self.rows[i..end];
             let median = |r: &Row| {
                 r.ran
-                    .then(|| read_median(&home, &r.group, r.label))
+                    .then(|| read_median(&home, &r.group, r.label, self.started))
                     .flatten()
             };
             let reference = rows
@@ -409,13 +413,18 @@ fn dir_name(part: &str) -> String {
     )
 }
 
-/// The median point estimate, in nanoseconds per iteration, of `group/label`'s last run.
-fn read_median(home: &std::path::Path, group: &str, label: &str) -> Option<f64> {
+/// The median point estimate, in nanoseconds per iteration, of `group/label`'s run, if
+/// that run wrote its estimates after `since`.
+fn read_median(home: &std::path::Path, group: &str, label: &str, since: SystemTime) -> Option<f64> {
     let path = home
         .join(dir_name(group))
         .join(dir_name(label))
         .join("new")
         .join("estimates.json");
+    let written = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    if written < since {
+        return None;
+    }
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["median"]["point_estimate"].as_f64()
