@@ -27,7 +27,8 @@ const HOT_KEY: u64 = 7;
 
 fn main() {
     let mut criterion = Criterion::default();
-    if std::env::var_os("COMPARE_QUICK").is_some_and(|v| v != "0") {
+    let quick = std::env::var_os("COMPARE_QUICK").is_some_and(|v| v != "0");
+    if quick {
         criterion = criterion
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(1))
@@ -45,7 +46,8 @@ fn main() {
     stack(&mut h);
     contended(&mut h);
 
-    let table = format!("{}\n{}", machine(), h.table());
+    let mode = if quick { ", COMPARE_QUICK" } else { "" };
+    let table = format!("{}{mode}\n\n{}", machine(), h.table());
     println!("\n{table}");
     let path = breakwater_compare::criterion_home().join("breakwater-compare.md");
     if std::fs::write(&path, &table).is_ok() {
@@ -66,7 +68,7 @@ fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".to_owned());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
-        "{cpu}, {cores} cores, {} {}, current-thread tokio runtime, criterion median\n",
+        "{cpu}, {cores} cores, {} {}, current-thread tokio runtime, criterion median",
         std::env::consts::OS,
         std::env::consts::ARCH
     )

@@ -68,7 +68,8 @@ pub struct Harness {
     rt: Runtime,
     rows: Vec<Row>,
     /// Estimates written before this are from an earlier run (criterion's test mode, for
-    /// one, runs the subjects without writing any) and are not reported.
+    /// one, runs the subjects without writing any) and are not reported. One second before
+    /// the harness was made, as file times come from a coarser clock.
     started: SystemTime,
 }
 
@@ -79,7 +80,7 @@ impl Harness {
             criterion,
             rt: runtime(),
             rows: Vec::new(),
-            started: SystemTime::now(),
+            started: SystemTime::now() - Duration::from_secs(1),
         }
     }
 
@@ -138,9 +139,13 @@ impl Harness {
         g.finish();
     }
 
-    /// Prints the table of the last run as markdown and returns it.
+    /// The table of this run as markdown, from the estimates criterion wrote under
+    /// [`criterion_home`].
     pub fn table(&self) -> String {
-        let home = criterion_home();
+        self.render(&criterion_home())
+    }
+
+    fn render(&self, home: &std::path::Path) -> String {
         let mut out = String::new();
         out.push_str("| category | subject | ns/call | ratio to ours |\n");
         out.push_str("|---|---|---:|---|\n");
@@ -154,7 +159,7 @@ impl Harness {
             let rows = &self.rows[i..end];
             let median = |r: &Row| {
                 r.ran
-                    .then(|| read_median(&home, &r.group, r.label, self.started))
+                    .then(|| read_median(home, &r.group, r.label, self.started))
                     .flatten()
             };
             let reference = rows
@@ -428,4 +433,67 @@ fn read_median(home: &std::path::Path, group: &str, label: &str, since: SystemTi
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["median"]["point_estimate"].as_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_estimate(home: &std::path::Path, group: &str, label: &str, median: f64) {
+        let dir = home.join(dir_name(group)).join(dir_name(label)).join("new");
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = format!(
+            r#"{{"median":{{"point_estimate":{median}}},"mean":{{"point_estimate":1.0}}}}"#
+        );
+        std::fs::write(dir.join("estimates.json"), json).unwrap();
+    }
+
+    #[test]
+    fn ratios_are_peer_over_the_first_of_ours_and_dashes_without_ours() {
+        let home = std::env::temp_dir().join(format!("breakwater-compare-{}", std::process::id()));
+        let mut h = Harness::new(Criterion::default());
+        let rows = [
+            ("timeout", "t", "ours a", Role::Ours, Some(20.0)),
+            ("timeout", "t", "ours b", Role::Ours, Some(30.0)),
+            ("timeout", "t", "peer/x", Role::Peer, Some(50.0)),
+            ("timeout", "t", "peer y", Role::Peer, None),
+            ("breaker", "b", "lonely peer", Role::Peer, Some(40.0)),
+            ("baseline", "z", "floor", Role::Baseline, Some(2.0)),
+        ];
+        for (category, group, label, role, median) in rows {
+            h.record(category, group, label, role);
+            h.rows.last_mut().unwrap().ran = median.is_some();
+            if let Some(m) = median {
+                write_estimate(&home, group, label, m);
+            }
+        }
+        let table = h.render(&home);
+        std::fs::remove_dir_all(&home).unwrap();
+        let lines: Vec<&str> = table.lines().skip(2).collect();
+        assert_eq!(
+            lines,
+            [
+                "| timeout | ours a | 20.0 | reference |",
+                "| timeout | ours b | 30.0 | ours b / ours a = 1.5x |",
+                "| timeout | peer/x | 50.0 | peer/x / ours a = 2.5x |",
+                "| timeout | peer y | not run | — |",
+                "| breaker | lonely peer | 40.0 | — |",
+                "| baseline | floor | 2.0 |  |",
+            ]
+        );
+    }
+
+    #[test]
+    fn estimates_older_than_the_run_are_ignored() {
+        let home =
+            std::env::temp_dir().join(format!("breakwater-compare-old-{}", std::process::id()));
+        write_estimate(&home, "g", "l", 5.0);
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert_eq!(
+            read_median(&home, "g", "l", SystemTime::UNIX_EPOCH),
+            Some(5.0)
+        );
+        assert_eq!(read_median(&home, "g", "l", later), None);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
 }
