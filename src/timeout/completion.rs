@@ -33,6 +33,7 @@ pub struct Finish<'a> {
     pub(super) shared: &'a Arc<Shared>,
     pub(super) outcome: usize,
     pub(super) started: Option<Instant>,
+    #[cfg_attr(not(feature = "http"), allow(dead_code))] // read by `WholeBody`
     pub(super) timeout: Duration,
 }
 

@@ -64,6 +64,7 @@ pub(super) struct TimeoutMetrics {
 }
 
 const OUTCOMES: [&str; 4] = ["success", "failure", "ignored", "timeout"];
+#[cfg_attr(not(feature = "http"), allow(dead_code))] // read by `WholeBody`
 pub(super) const FAILED: usize = 1;
 pub(super) const TIMED_OUT: usize = 3;
 

@@ -122,7 +122,10 @@ fn rate_limit(h: &mut Harness) {
     let rt = breakwater_compare::runtime();
     let _timer_context = rt.enter();
     let mut c = h.category("rate-limit", "rate limiter, never limits");
-    // ours: c.ours("breakwater rate limiter", <shared GCRA layer>.layer(inner()));
+    c.ours(
+        "breakwater rate limiter",
+        breakwater_rate_limiter().layer(inner()),
+    );
     c.peer(
         "tower RateLimit",
         tower::limit::RateLimitLayer::new(RATE_PER_SEC.into(), Duration::from_secs(1))
@@ -138,6 +141,20 @@ fn rate_limit(h: &mut Harness) {
         black_box(tokio::time::Instant::now());
         limiter.check().is_ok()
     });
+}
+
+fn breakwater_rate_limiter() -> tower_breakwater::rate_limit::RateLimitLayer {
+    tower_breakwater::rate_limit::RateLimitLayer::builder()
+        .rate(u64::from(RATE_PER_SEC), Duration::from_secs(1))
+        .build()
+        .expect("valid rate limiter")
+}
+
+fn breakwater_breaker() -> tower_breakwater::circuit_breaker::CircuitBreakerLayer {
+    tower_breakwater::circuit_breaker::CircuitBreakerLayer::builder()
+        .sliding_window(tower_breakwater::circuit_breaker::SlidingWindow::count_based(100))
+        .build()
+        .expect("valid circuit breaker")
 }
 
 fn resilience_rate_limiter() -> tower_resilience::ratelimiter::RateLimiterLayer {
@@ -157,7 +174,10 @@ fn governor_limiter() -> Arc<governor::DefaultDirectRateLimiter> {
 
 fn breaker(h: &mut Harness) {
     let mut c = h.category("breaker", "circuit breaker, closed, all successes");
-    // ours: c.ours("breakwater circuit breaker", <count window 100, no slow calls>.layer(inner()));
+    c.ours(
+        "breakwater circuit breaker",
+        breakwater_breaker().layer(inner()),
+    );
     c.peer(
         "tower-resilience circuit breaker",
         resilience_breaker().layer(inner()),
@@ -252,7 +272,11 @@ where
 
 fn coalesce(h: &mut Harness) {
     let mut c = h.category("coalesce", "coalesce, uncontended (fresh key)");
-    // ours: c.ours("breakwater coalesce", <coalesce layer keyed by request>.layer(inner()));
+    let ours = tower_breakwater::coalesce::CoalesceLayer::builder()
+        .key(|req: &u64| *req)
+        .build()
+        .expect("valid coalesce layer");
+    c.ours("breakwater coalesce", ours.layer(inner()));
     c.peer(
         "tower-resilience coalesce",
         tower_resilience::coalesce::CoalesceLayer::new(|req: &u64| *req).layer(inner()),
@@ -284,7 +308,10 @@ fn stack(h: &mut Harness) {
 
 fn contended(h: &mut Harness) {
     let mut c = h.contended("breaker", "2 threads: circuit breaker, closed");
-    // ours: c.ours("breakwater circuit breaker", <one layer>.layer(inner()));
+    c.ours(
+        "breakwater circuit breaker",
+        breakwater_breaker().layer(inner()),
+    );
     c.peer(
         "tower-resilience circuit breaker",
         resilience_breaker().layer(inner()),
@@ -312,7 +339,10 @@ fn contended(h: &mut Harness) {
     );
 
     let mut c = h.contended("rate-limit", "2 threads: rate limiter, never limits");
-    // ours: c.ours("breakwater rate limiter", <one layer>.layer(inner()));
+    c.ours(
+        "breakwater rate limiter",
+        breakwater_rate_limiter().layer(inner()),
+    );
     c.peer(
         "tower-resilience rate limiter",
         resilience_rate_limiter().layer(inner()),
