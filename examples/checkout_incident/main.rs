@@ -26,14 +26,30 @@ use hyper_util::rt::TokioExecutor;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_breakwater::BoxError;
+use tower_breakwater::circuit_breaker::{CircuitBreakerLayer, SlidingWindow};
+use tower_breakwater::coalesce::CoalesceLayer;
 use tower_breakwater::http::HttpClassifier;
+use tower_breakwater::rate_limit::RateLimitLayer;
 use tower_breakwater::timeout::TimeoutLayer;
 
 use load::{Phase, Summary};
 use server::ServerConfig;
 
-/// An HTTP client as a service, with the body buffered (so responses can be shared).
+/// An HTTP client as a service, with the body buffered.
 type HttpService = BoxCloneService<Request<Full<Bytes>>, Response<Bytes>, BoxError>;
+
+/// A risk-profile answer: status and body, cheap to clone (so coalesced callers share it).
+type RiskAnswer = (hyper::StatusCode, Bytes);
+
+/// The risk-profile lookup as a service.
+type RiskService = BoxCloneService<Request<Full<Bytes>>, RiskAnswer, BoxError>;
+
+fn risk_answers(
+    inner: HttpService,
+) -> impl tower::Service<Request<Full<Bytes>>, Response = RiskAnswer, Error = BoxError, Future: Send>
++ Clone {
+    inner.map_response(|res: Response<Bytes>| (res.status(), res.into_body()))
+}
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -54,41 +70,73 @@ fn http_client() -> HttpService {
     }))
 }
 
-/// The fraud-check client with protection.
+/// The fraud-check client with protection, outermost first: a rate limiter (GCRA, 150
+/// checks/s, burst 20, waiting at most 50 ms) keeps us under what the API can serve; a circuit
+/// breaker (count window 40, failure rate 50%, 2 s open) fails fast while it is down, counting
+/// 5xx and 429 as failures; a 250 ms timeout inside the breaker so slow calls count as
+/// failures.
 fn protect_fraud(inner: HttpService) -> Result<HttpService, BoxError> {
+    let limiter = RateLimitLayer::builder()
+        .name("fraud-api")
+        .rate(150, Duration::from_secs(1))
+        .burst(20)
+        .max_wait(Duration::from_millis(50))
+        .build()?;
+    let breaker = CircuitBreakerLayer::builder()
+        .name("fraud-api")
+        .sliding_window(SlidingWindow::count_based(40))
+        .minimum_calls(20)
+        .failure_rate_threshold(0.5)
+        .wait_in_open(Duration::from_secs(2))
+        .permitted_calls_in_half_open(5)
+        .classifier(HttpClassifier::new())
+        .build()?;
     let timeout = TimeoutLayer::builder()
         .name("fraud-api")
-        .timeout(Duration::from_millis(300))
+        .timeout(Duration::from_millis(250))
         .classifier(HttpClassifier::new())
         .build()?;
     Ok(BoxCloneService::new(
-        ServiceBuilder::new().layer(timeout).service(inner),
+        ServiceBuilder::new()
+            .layer(limiter)
+            .layer(breaker)
+            .layer(timeout)
+            .service(inner),
     ))
 }
 
-/// The risk-profile client with protection.
-fn protect_risk(inner: HttpService) -> Result<HttpService, BoxError> {
+/// The risk-profile client with protection: concurrent lookups of one merchant share one
+/// upstream call (coalescing, keyed by URI: GETs with no per-user headers here), each with a
+/// 300 ms timeout.
+fn protect_risk(inner: HttpService) -> Result<RiskService, BoxError> {
+    let coalesce = CoalesceLayer::builder()
+        .name("risk-profile")
+        .key(|req: &Request<Full<Bytes>>| req.uri().clone())
+        .build()?;
     let timeout = TimeoutLayer::builder()
         .name("risk-profile")
         .timeout(Duration::from_millis(300))
         .classifier(HttpClassifier::new())
         .build()?;
+    let timed = ServiceBuilder::new().layer(timeout).service(inner);
     Ok(BoxCloneService::new(
-        ServiceBuilder::new().layer(timeout).service(inner),
+        ServiceBuilder::new()
+            .layer(coalesce)
+            .service(risk_answers(BoxCloneService::new(timed))),
     ))
 }
 
 async fn checkout(
     n: u64,
     base: &str,
-    risk: HttpService,
+    risk: RiskService,
     fraud: HttpService,
 ) -> Result<(), BoxError> {
-    let merchant = n % 20;
+    let merchant = n % 5;
     let req = Request::get(format!("{base}/merchants/{merchant}/risk")).body(Full::default())?;
-    let res = risk.oneshot(req).await?;
-    if !res.status().is_success() {
-        return Err(format!("risk API answered {}", res.status()).into());
+    let (status, _profile) = risk.oneshot(req).await?;
+    if !status.is_success() {
+        return Err(format!("risk API answered {status}").into());
     }
     let req = Request::post(format!("{base}/fraud-check"))
         .body(Full::new(Bytes::from(format!("{{\"tx\":{n}}}"))))?;
@@ -139,7 +187,7 @@ async fn main() -> Result<(), BoxError> {
         workers: 4,
         base: Duration::from_millis(20),
         outage_delay: Duration::from_secs(2),
-        risk_time: Duration::from_millis(50),
+        risk_time: Duration::from_millis(120),
         risk_max_age: 60,
     };
     let (addr, stats) = server::start(cfg.clone()).await?;
@@ -168,7 +216,10 @@ async fn main() -> Result<(), BoxError> {
         let (risk, fraud) = if protected {
             (protect_risk(http_client())?, protect_fraud(http_client())?)
         } else {
-            (http_client(), http_client())
+            (
+                BoxCloneService::new(risk_answers(http_client())),
+                http_client(),
+            )
         };
         println!(
             "\nrunning {} ...",
@@ -192,12 +243,15 @@ async fn main() -> Result<(), BoxError> {
         ("breakwater", &summaries[1]),
     ]);
 
-    println!("\nbreakwater metrics (Prometheus text format):\n");
-    for line in prometheus
-        .render()
+    println!("\nbreakwater metrics (Prometheus text format; zero-valued counters left out):\n");
+    let rendered = prometheus.render();
+    let mut lines: Vec<&str> = rendered
         .lines()
         .filter(|l| l.starts_with("breakwater_"))
-    {
+        .filter(|l| !(l.ends_with(" 0") && (l.contains("_total{") || l.contains("_total "))))
+        .collect();
+    lines.sort();
+    for line in lines {
         println!("{line}");
     }
     Ok(())
