@@ -6,6 +6,7 @@
 //! | layer | stops | module |
 //! |---|---|---|
 //! | timeout | a slow dependency holding callers' resources | [`timeout`] |
+//! | bulkhead, load shedding | one dependency exhausting concurrency | [`bulkhead`] |
 //!
 //! Every layer is a `tower::Layer`, usable in `tower::ServiceBuilder`, and shares the same
 //! foundations:
@@ -73,6 +74,8 @@ pub mod event;
 pub mod metrics;
 pub mod snapshot;
 
+#[cfg(feature = "bulkhead")]
+pub mod bulkhead;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 
