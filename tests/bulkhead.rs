@@ -328,7 +328,7 @@ async fn waiters_are_served_first_in_first_out_in_call_order() {
     let c = call(&mut svc, 3, Job::Sleep(10));
     assert_eq!(counts(&h), (1, 3, 0));
     // Polled in reverse order: no effect on the order of service.
-    let mut futs = vec![Some(c), Some(b), Some(a), Some(holder)];
+    let mut futs = [Some(c), Some(b), Some(a), Some(holder)];
     for _ in 0..8 {
         for _ in 0..2 {
             for slot in futs.iter_mut() {
