@@ -51,9 +51,8 @@ impl Ticket {
         }
     }
 
-    /// Leaves the queue: records the time spent in it (when the histogram is on).
-    fn leave(&mut self) {
-        self.live = false;
+    /// Records the time spent in the queue (when the histogram is on).
+    fn record_wait(&self) {
         if let Some(h) = &self.shared.metrics.wait {
             let waited = clock::now().saturating_duration_since(self.queued_at);
             h.record(waited.as_secs_f64());
@@ -65,32 +64,37 @@ impl Ticket {
         if !self.shared.sem.poll_slot(self.slot, cx.waker()) {
             return None;
         }
-        self.leave();
+        // Owned by an RAII value before any other code runs.
+        self.live = false;
+        let permit = Permit::new(self.shared.clone());
+        self.record_wait();
         self.shared.on_granted();
-        Some(Permit::new(self.shared.clone()))
+        Some(permit)
     }
 
     /// The maximum wait passed: withdraw. A permit handed over before the withdrawal is
     /// kept (the call goes ahead); otherwise the call is rejected.
     fn give_up(&mut self) -> Result<Permit, BreakwaterError> {
-        self.leave();
-        if self.shared.sem.withdraw(self.slot) {
+        self.live = false;
+        let granted = self.shared.sem.withdraw(self.slot).then(|| {
+            let permit = Permit::new(self.shared.clone());
             self.shared.on_granted();
-            Ok(Permit::new(self.shared.clone()))
-        } else {
-            Err(self.shared.reject())
-        }
+            permit
+        });
+        self.record_wait();
+        granted.ok_or_else(|| self.shared.reject())
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.live {
-            self.leave();
+            self.live = false;
             if self.shared.sem.withdraw(self.slot) {
                 // Handed a permit nobody will use: return it at once.
-                self.shared.release();
+                drop(Permit::new(self.shared.clone()));
             }
+            self.record_wait();
         }
     }
 }
@@ -102,8 +106,6 @@ pin_project! {
         Waiting {
             ticket: Ticket,
             deadline: Option<Instant>,
-            #[pin]
-            sleep: Option<Sleep>,
         },
         // A permit is held: waiting for the inner clone's readiness.
         Ready,
@@ -131,6 +133,10 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
+        // The waiter's timer, armed at its first poll (outside `State`, which stays small
+        // for the happy path).
+        #[pin]
+        sleep: Option<Sleep>,
         // The inner clone, until it is called.
         svc: Option<S>,
         req: Option<Req>,
@@ -159,6 +165,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     pub(super) fn admitted(svc: S, req: Req, permit: Permit) -> Self {
         ResponseFuture {
             state: State::Ready,
+            sleep: None,
             svc: Some(svc),
             req: Some(req),
             permit: Some(permit),
@@ -167,11 +174,8 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
 
     pub(super) fn queued(svc: S, req: Req, ticket: Ticket, deadline: Option<Instant>) -> Self {
         ResponseFuture {
-            state: State::Waiting {
-                ticket,
-                deadline,
-                sleep: None,
-            },
+            state: State::Waiting { ticket, deadline },
+            sleep: None,
             svc: Some(svc),
             req: Some(req),
             permit: None,
@@ -181,6 +185,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     pub(super) fn rejected(err: BreakwaterError) -> Self {
         ResponseFuture {
             state: State::Rejected { err: Some(err) },
+            sleep: None,
             svc: None,
             req: None,
             permit: None,
@@ -199,11 +204,8 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Waiting {
-                    ticket,
-                    deadline,
-                    mut sleep,
-                } => {
+                StateProj::Waiting { ticket, deadline } => {
+                    let mut sleep = this.sleep.as_mut();
                     // A permit handed over wins over a deadline reached in the same poll.
                     let permit = match ticket.poll(cx) {
                         Some(permit) => permit,
@@ -228,6 +230,7 @@ where
                         }
                     };
                     *this.permit = Some(permit);
+                    this.sleep.set(None);
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {

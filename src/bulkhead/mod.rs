@@ -70,7 +70,9 @@
 //! bounds callers waiting for the inner service's readiness), then calls it. The inner
 //! service must therefore be `Clone`, and its `poll_ready` must not rely on being called on
 //! the same instance as earlier calls. Wrap a non-`Clone` service in
-//! `tower::buffer::Buffer`.
+//! `tower::buffer::Buffer`. The clone is made once per call (rejected calls excepted), so
+//! keep it cheap: a client handle is usually one `Arc`, whereas a boxed clone service
+//! allocates on every clone.
 //!
 //! # Cost
 //!
