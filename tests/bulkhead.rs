@@ -272,6 +272,41 @@ async fn a_waiter_fails_at_its_max_wait_and_the_holders_permit_is_free_afterward
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_permit_handed_over_at_the_deadline_is_used_and_never_lost() {
+    for holder_first in [true, false] {
+        let probe = Probe::default();
+        let layer = BulkheadLayer::builder()
+            .max_concurrent_calls(1)
+            .max_wait(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        let mut svc = layer.layer(probe.service());
+        let mut holder = call(&mut svc, 1, Job::Sleep(100));
+        let mut waiter = call(&mut svc, 2, Job::Sleep(0));
+        assert!(poll_once(holder.as_mut()).is_pending());
+        assert!(poll_once(waiter.as_mut()).is_pending());
+        advance(Duration::from_millis(100)).await;
+        // Both the holder's sleep and the waiter's deadline are due now.
+        if holder_first {
+            assert!(poll_once(holder.as_mut()).is_ready());
+            assert_eq!(counts(&h), (1, 0, 0), "handed to the waiter");
+            let r = poll_once(waiter.as_mut());
+            assert_eq!(r.map(Result::unwrap), Poll::Ready(2), "the grant wins");
+            assert_eq!(probe.order(), vec![1, 2]);
+        } else {
+            match poll_once(waiter.as_mut()) {
+                Poll::Ready(Err(e)) => assert_bulkhead_full(&e, "default"),
+                other => panic!("expected a rejection: {:?}", other.map(|r| r.is_ok())),
+            }
+            assert!(poll_once(holder.as_mut()).is_ready());
+            assert_eq!(probe.order(), vec![1]);
+        }
+        assert_eq!(counts(&h), (0, 0, 1), "holder_first = {holder_first}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn eight_holders_and_eight_timed_out_waiters_leave_eight_permits() {
     let probe = Probe::default();
     let layer = BulkheadLayer::builder()
