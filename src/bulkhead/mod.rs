@@ -90,9 +90,11 @@
 //! (take a free permit; return a permit) only succeed when the same word says nobody queues,
 //! and every change of the queue length happens under the mutex by a compare-and-swap on
 //! that word, so a permit is never free while someone queues, never handed to a call that
-//! left the queue, and never counted twice. The state is small enough that this argument,
-//! stated in full in the source of the `semaphore` module, stands in for a model checker;
-//! the multi-thread tests assert the resulting counts.
+//! left the queue, and never counted twice. The argument is stated in full in the source of
+//! the `semaphore` module and checked there with [loom](https://docs.rs/loom) under
+//! `cfg(loom)` (every interleaving of releases, fast acquires, enqueues, hand-offs and
+//! withdrawals ends with every permit back); the multi-thread tests assert the same counts
+//! on a real runtime.
 //!
 //! Being one word, the permit counter is a point of contention: each admitted call writes
 //! that cache line twice (acquire, release). On two cores this costs on the order of 100 ns

@@ -39,9 +39,11 @@
 //! lost and none is created. A release never adds a permit that is not held (each
 //! [`Permit`](super::future) is released exactly once, by its `Drop`).
 //!
-//! The same argument is what a model checker would explore; the state space is small (two
-//! lock-free CAS paths against mutex-held transitions on one word), and the multi-thread
-//! tests in `tests/bulkhead.rs` assert the resulting counts.
+//! The `loom` tests at the end of this file check the argument: under `cfg(loom)` the
+//! atomic and the mutex are loom's, and every interleaving of releases, fast acquires,
+//! enqueues, hand-offs and withdrawals is explored; each must end with every permit back and
+//! nobody queued. The multi-thread tests in `tests/bulkhead.rs` assert the same counts on a
+//! real runtime.
 //!
 //! # Cost
 //!
@@ -51,11 +53,37 @@
 //! concurrency limit (a sharded counter would either over-admit or need the same line to
 //! steal permits). Callers that queue take the mutex a bounded number of times.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::Waker;
 
 use ::metrics::Gauge;
-use parking_lot::Mutex;
+use sync::{AtomicU64, Mutex};
+
+/// The real primitives, or loom's under `cfg(loom)` so that a model checker explores every
+/// interleaving of the lock-free paths and the mutex (see the `loom` tests below).
+#[cfg(not(loom))]
+mod sync {
+    pub(super) use parking_lot::Mutex;
+    pub(super) use std::sync::atomic::AtomicU64;
+}
+
+#[cfg(loom)]
+mod sync {
+    pub(super) use loom::sync::atomic::AtomicU64;
+
+    #[derive(Debug)]
+    pub(super) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    impl<T> Mutex<T> {
+        pub(super) fn new(value: T) -> Self {
+            Mutex(loom::sync::Mutex::new(value))
+        }
+
+        pub(super) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+            self.0.lock().unwrap()
+        }
+    }
+}
 
 const AVAILABLE_MASK: u64 = u32::MAX as u64;
 const ONE_WAITER: u64 = 1 << 32;
@@ -337,7 +365,7 @@ impl Semaphore {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
@@ -400,5 +428,131 @@ mod tests {
         assert!(!s.withdraw(d));
         assert!(s.release());
         assert_eq!(s.acquire_or_enqueue(1), Enqueue::Acquired);
+    }
+}
+
+/// Model checks: every interleaving (loom) of releases, fast acquires, enqueues, hand-offs
+/// and withdrawals ends with every permit accounted for, exactly once. Run with
+/// `RUSTFLAGS="--cfg loom" CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true cargo test --release
+/// --lib bulkhead::semaphore::loom` (debug assertions check the invariants on the way).
+#[cfg(all(test, loom))]
+mod loom {
+    use super::*;
+    use ::loom::sync::Arc;
+    use ::loom::thread;
+
+    /// Takes a permit or queues for one, then gives up at once (a zero-length maximum
+    /// wait), as a waiter whose deadline passes; returns `true` if it ends up holding one.
+    fn wait_then_give_up(s: &Semaphore) -> bool {
+        match s.acquire_or_enqueue(8) {
+            Enqueue::Acquired => true,
+            Enqueue::Queued(slot) => {
+                assert_no_free_permit_while_queued(s);
+                if s.poll_slot(slot, Waker::noop()) {
+                    true
+                } else {
+                    s.withdraw(slot)
+                }
+            }
+            Enqueue::Full => unreachable!("queue bound not reached"),
+        }
+    }
+
+    /// Invariant 1, read at an arbitrary point of the interleaving.
+    fn assert_no_free_permit_while_queued(s: &Semaphore) {
+        let st = s.state.load(Ordering::Acquire);
+        assert!(
+            waiting(st) == 0 || available(st) == 0,
+            "a permit is free while callers queue"
+        );
+    }
+
+    fn assert_all_back(s: &Semaphore, permits: u32) {
+        assert_eq!(s.available(), permits);
+        assert_eq!(s.waiting(), 0);
+    }
+
+    #[test]
+    fn a_waiter_giving_up_while_the_holder_releases_loses_no_permit() {
+        ::loom::model(|| {
+            let s = Arc::new(Semaphore::new(1, Gauge::noop()));
+            assert!(s.try_acquire());
+            let holder = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    s.release();
+                    assert_no_free_permit_while_queued(&s);
+                })
+            };
+            if wait_then_give_up(&s) {
+                s.release();
+            }
+            holder.join().unwrap();
+            assert_all_back(&s, 1);
+        });
+    }
+
+    #[test]
+    fn fast_acquire_enqueue_and_release_race_without_barging_or_loss() {
+        ::loom::model(|| {
+            let s = Arc::new(Semaphore::new(1, Gauge::noop()));
+            assert!(s.try_acquire());
+            let holder = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    s.release();
+                    assert_no_free_permit_while_queued(&s);
+                })
+            };
+            let fast = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    if s.try_acquire() {
+                        // Never while someone queues: invariant 1.
+                        s.release();
+                    }
+                })
+            };
+            if wait_then_give_up(&s) {
+                s.release();
+            }
+            holder.join().unwrap();
+            fast.join().unwrap();
+            assert_all_back(&s, 1);
+        });
+    }
+
+    /// Three threads with several lock operations each: bounded to three preemptions per
+    /// execution (loom's recommended bound), which covers the hand-off races above twice.
+    #[test]
+    fn two_waiters_and_two_releases_hand_off_in_any_order() {
+        let mut model = ::loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let s = Arc::new(Semaphore::new(2, Gauge::noop()));
+            assert!(s.try_acquire());
+            assert!(s.try_acquire());
+            let releaser = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    s.release();
+                    s.release();
+                })
+            };
+            let waiter = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    if wait_then_give_up(&s) {
+                        s.release();
+                    }
+                })
+            };
+            if wait_then_give_up(&s) {
+                s.release();
+            }
+            releaser.join().unwrap();
+            waiter.join().unwrap();
+            assert_all_back(&s, 2);
+        });
     }
 }
