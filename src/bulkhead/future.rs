@@ -51,6 +51,12 @@ impl Ticket {
         }
     }
 
+    /// When the maximum wait ends; `None` when it does not fit in an `Instant` (no limit).
+    fn deadline(&self) -> Option<Instant> {
+        let max_wait = self.shared.max_wait?;
+        self.queued_at.checked_add(max_wait)
+    }
+
     /// Records the time spent in the queue (when the histogram is on).
     fn record_wait(&self) {
         if let Some(h) = &self.shared.metrics.wait {
@@ -102,15 +108,13 @@ impl Drop for Ticket {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
-        // Queued for a permit, until `deadline` (`None`: no limit).
-        Waiting {
-            ticket: Ticket,
-            deadline: Option<Instant>,
-        },
+        // Queued for a permit (until the ticket's deadline).
+        Waiting { ticket: Ticket },
         // A permit is held: waiting for the inner clone's readiness.
         Ready,
         Called { #[pin] fut: F },
-        Rejected { err: Option<BreakwaterError> },
+        // Boxed at once: it is returned boxed, and the happy path's future stays small.
+        Rejected { err: Option<Box<BreakwaterError>> },
         Done,
     }
 }
@@ -133,10 +137,10 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        // The waiter's timer, armed at its first poll (outside `State`, which stays small
-        // for the happy path).
-        #[pin]
-        sleep: Option<Sleep>,
+        // The waiter's timer, armed at its first poll. Boxed: inline, tokio's `Sleep` would
+        // make every call's future ~120 bytes larger, and moving it costs each admitted call
+        // more than this one allocation costs a call that has to wait anyway.
+        sleep: Option<Pin<Box<Sleep>>>,
         // The inner clone, until it is called.
         svc: Option<S>,
         req: Option<Req>,
@@ -172,9 +176,9 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
-    pub(super) fn queued(svc: S, req: Req, ticket: Ticket, deadline: Option<Instant>) -> Self {
+    pub(super) fn queued(svc: S, req: Req, ticket: Ticket) -> Self {
         ResponseFuture {
-            state: State::Waiting { ticket, deadline },
+            state: State::Waiting { ticket },
             sleep: None,
             svc: Some(svc),
             req: Some(req),
@@ -184,7 +188,9 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
 
     pub(super) fn rejected(err: BreakwaterError) -> Self {
         ResponseFuture {
-            state: State::Rejected { err: Some(err) },
+            state: State::Rejected {
+                err: Some(Box::new(err)),
+            },
             sleep: None,
             svc: None,
             req: None,
@@ -204,18 +210,20 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Waiting { ticket, deadline } => {
-                    let mut sleep = this.sleep.as_mut();
+                StateProj::Waiting { ticket } => {
+                    let sleep = &mut *this.sleep;
                     // A permit handed over wins over a deadline reached in the same poll.
                     let permit = match ticket.poll(cx) {
                         Some(permit) => permit,
                         None => {
                             if sleep.is_none() {
-                                if let Some(d) = *deadline {
-                                    sleep.set(Some(tokio::time::sleep_until(d)));
+                                if let Some(d) = ticket.deadline() {
+                                    *sleep = Some(Box::pin(tokio::time::sleep_until(d)));
                                 }
                             }
-                            let expired = sleep.as_pin_mut().is_some_and(|s| s.poll(cx).is_ready());
+                            let expired = sleep
+                                .as_mut()
+                                .is_some_and(|s| s.as_mut().poll(cx).is_ready());
                             if !expired {
                                 return Poll::Pending;
                             }
@@ -230,7 +238,7 @@ where
                         }
                     };
                     *this.permit = Some(permit);
-                    this.sleep.set(None);
+                    *this.sleep = None;
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
@@ -280,7 +288,7 @@ where
                 StateProj::Rejected { err } => {
                     let err = err.take().expect("rejection present until returned");
                     this.state.set(State::Done);
-                    return Poll::Ready(Err(Box::new(err)));
+                    return Poll::Ready(Err(err));
                 }
                 StateProj::Done => panic!("Bulkhead ResponseFuture polled after completion"),
             }

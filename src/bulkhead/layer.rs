@@ -9,7 +9,7 @@ use tower::Layer;
 use super::Bulkhead;
 use super::future::{Permit, Ticket};
 use super::semaphore::{Enqueue, Semaphore};
-use crate::clock::{self, Instant};
+use crate::clock;
 use crate::config::{Common, ConfigError, common_builder_methods};
 use crate::error::{BreakwaterError, ErrorKind, LayerKind};
 use crate::event::{EventKind, Events};
@@ -31,8 +31,8 @@ pub(super) struct BulkheadMetrics {
 pub(super) enum Admission {
     /// A permit is held.
     Admitted(Permit),
-    /// Queued, until the deadline (`None`: no limit).
-    Queued(Ticket, Option<Instant>),
+    /// Queued (until the ticket's deadline).
+    Queued(Ticket),
     /// Rejected at once.
     Rejected(BreakwaterError),
 }
@@ -66,7 +66,7 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn admit_slow(self: &Arc<Self>) -> Admission {
-        if let Some(max_wait) = self.max_wait {
+        if self.max_wait.is_some() {
             match self.sem.acquire_or_enqueue(self.max_waiting) {
                 Enqueue::Acquired => {
                     let permit = Permit::new(self.clone());
@@ -74,9 +74,8 @@ impl Shared {
                     return Admission::Admitted(permit);
                 }
                 Enqueue::Queued(slot) => {
-                    let now = clock::now();
-                    let ticket = Ticket::new(self.clone(), slot, now);
-                    return Admission::Queued(ticket, now.checked_add(max_wait));
+                    let ticket = Ticket::new(self.clone(), slot, clock::now());
+                    return Admission::Queued(ticket);
                 }
                 Enqueue::Full => {}
             }

@@ -78,10 +78,16 @@
 //!
 //! A call that finds a permit free takes no lock, reads no clock and allocates nothing: one
 //! compare-and-swap on the permit word in `call`, one when the permit is returned, and the
-//! reference count of the shared state. A queued call takes a mutex a few times, reads the
-//! clock once and arms one timer; its queue slot is reused from a free list, so a steady
-//! queue allocates nothing either (the slot vector grows only when the queue is longer than
-//! ever before). Rejections allocate one box for the error.
+//! reference count of the shared state. A queued call takes a mutex a few times and reads
+//! the clock once; its queue slot is reused from a free list, so a steady queue allocates
+//! no slots (the slot vector grows only when the queue is longer than ever before), and
+//! tokio's task wakers are reference counts. The one allocation of the waiting path is the
+//! queued call's timer (a boxed `tokio::time::Sleep`, about 100 bytes), made at its first
+//! poll when it has a finite maximum wait: held inline, the timer would make every call's
+//! response future about 120 bytes larger, and moving that future costs every admitted call
+//! more than one allocation costs a call that waits anyway. With no limit on the wait
+//! (`max_wait(Duration::MAX)`), waiting allocates nothing. A rejection allocates one box,
+//! for its error.
 //!
 //! # Concurrency
 //!

@@ -69,9 +69,7 @@ where
             Admission::Admitted(permit) => {
                 ResponseFuture::admitted(self.inner.clone(), req, permit)
             }
-            Admission::Queued(ticket, deadline) => {
-                ResponseFuture::queued(self.inner.clone(), req, ticket, deadline)
-            }
+            Admission::Queued(ticket) => ResponseFuture::queued(self.inner.clone(), req, ticket),
             Admission::Rejected(err) => ResponseFuture::rejected(err),
         }
     }
