@@ -873,20 +873,28 @@ fn multi_thread_run(max_wait: Duration) -> (u64, u64, usize) {
         })
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let sampling = Arc::new(AtomicBool::new(false));
     let sampler = {
-        let (rec, stop) = (rec.clone(), stop.clone());
+        let (rec, stop, sampling) = (rec.clone(), stop.clone(), sampling.clone());
         std::thread::spawn(move || {
             let mut samples = 0u64;
-            while !stop.load(Ordering::SeqCst) {
+            loop {
                 for n in [IN_FLIGHT, AVAILABLE] {
                     let v = rec.gauge(n, &[("name", "mt")]).unwrap();
                     assert!((0.0..=MAX as f64).contains(&v), "{n} = {v}");
                 }
                 samples += 1;
+                sampling.store(true, Ordering::SeqCst);
+                if stop.load(Ordering::SeqCst) {
+                    return samples;
+                }
             }
-            samples
         })
     };
+    // The calls start once the sampler runs, so that it samples during them.
+    while !sampling.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
     rt.block_on(async {
         let tasks: Vec<_> = (0..TASKS)
             .map(|t| {
