@@ -9,6 +9,7 @@
 //! | circuit breaker | calling a dependency that is failing | [`circuit_breaker`] |
 //! | rate limiter (GCRA, shared or keyed) | overwhelming an external API; one client starving others | [`rate_limit`] |
 //! | coalescing (singleflight) | identical concurrent requests each going upstream | [`coalesce`] |
+//! | bulkhead, load shedding | one dependency exhausting concurrency | [`bulkhead`] |
 //!
 //! Every layer is a `tower::Layer`, usable in `tower::ServiceBuilder`, and shares the same
 //! foundations:
@@ -78,6 +79,8 @@ pub mod metrics;
 pub mod registry;
 pub mod snapshot;
 
+#[cfg(feature = "bulkhead")]
+pub mod bulkhead;
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
 #[cfg(feature = "coalesce")]

@@ -1,0 +1,297 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower::Service;
+
+use super::layer::Shared;
+use crate::clock::{self, Instant};
+use crate::error::{BoxError, BreakwaterError};
+
+/// One held permit; returns it when dropped (RAII), exactly once.
+pub(super) struct Permit {
+    shared: Arc<Shared>,
+}
+
+impl Permit {
+    /// Wraps a permit that was just taken from `shared`.
+    #[inline]
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        Permit { shared }
+    }
+}
+
+impl Drop for Permit {
+    #[inline]
+    fn drop(&mut self) {
+        self.shared.release();
+    }
+}
+
+/// A place in the waiters' queue. Dropping a live ticket withdraws it, returning a permit
+/// that was handed to it in the meantime.
+pub(super) struct Ticket {
+    shared: Arc<Shared>,
+    slot: usize,
+    queued_at: Instant,
+    live: bool,
+}
+
+impl Ticket {
+    pub(super) fn new(shared: Arc<Shared>, slot: usize, queued_at: Instant) -> Self {
+        Ticket {
+            shared,
+            slot,
+            queued_at,
+            live: true,
+        }
+    }
+
+    /// When the maximum wait ends; `None` when it does not fit in an `Instant` (no limit).
+    fn deadline(&self) -> Option<Instant> {
+        let max_wait = self.shared.max_wait?;
+        self.queued_at.checked_add(max_wait)
+    }
+
+    /// Records the time spent in the queue (when the histogram is on).
+    fn record_wait(&self) {
+        if let Some(h) = &self.shared.metrics.wait {
+            let waited = clock::now().saturating_duration_since(self.queued_at);
+            h.record(waited.as_secs_f64());
+        }
+    }
+
+    /// The permit, if one was handed over; otherwise registers the waker.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Option<Permit> {
+        if !self.shared.sem.poll_slot(self.slot, cx.waker()) {
+            return None;
+        }
+        // Owned by an RAII value before any other code runs.
+        self.live = false;
+        let permit = Permit::new(self.shared.clone());
+        self.record_wait();
+        self.shared.on_granted();
+        Some(permit)
+    }
+
+    /// The maximum wait passed: withdraw. A permit handed over before the withdrawal is
+    /// kept (the call goes ahead); otherwise the call is rejected.
+    fn give_up(&mut self) -> Result<Permit, BreakwaterError> {
+        self.live = false;
+        let granted = self.shared.sem.withdraw(self.slot).then(|| {
+            let permit = Permit::new(self.shared.clone());
+            self.shared.on_granted();
+            permit
+        });
+        self.record_wait();
+        granted.ok_or_else(|| self.shared.reject())
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.live {
+            self.live = false;
+            if self.shared.sem.withdraw(self.slot) {
+                // Handed a permit nobody will use: return it at once.
+                drop(Permit::new(self.shared.clone()));
+            }
+            self.record_wait();
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        // Queued for a permit (until the ticket's deadline).
+        Waiting { ticket: Ticket },
+        // A permit is held: waiting for the inner clone's readiness.
+        Ready,
+        Called { #[pin] fut: F },
+        // Boxed at once: it is returned boxed, and the happy path's future stays small.
+        Rejected { err: Option<Box<BreakwaterError>> },
+        Done,
+    }
+}
+
+pin_project! {
+    /// The response future of [`Bulkhead`](super::Bulkhead).
+    ///
+    /// Resolves to the inner response, the inner error (boxed), or a [`BreakwaterError`] of
+    /// kind [`ErrorKind::BulkheadFull`](crate::error::ErrorKind::BulkheadFull). Holds its
+    /// permit (or its place in the queue) from `call` until the inner response completes,
+    /// the inner readiness fails, or this future is dropped, whichever comes first; a panic
+    /// in the inner service releases it too.
+    ///
+    /// # Panics
+    ///
+    /// When polled again after it returned `Ready`.
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        // The waiter's timer, armed at its first poll. Boxed: inline, tokio's `Sleep` would
+        // make every call's future ~120 bytes larger, and moving it costs each admitted call
+        // more than this one allocation costs a call that has to wait anyway.
+        sleep: Option<Pin<Box<Sleep>>>,
+        // The inner clone, until it is called.
+        svc: Option<S>,
+        req: Option<Req>,
+        permit: Option<Permit>,
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Waiting { .. } => "waiting",
+            State::Ready => "ready",
+            State::Called { .. } => "called",
+            State::Rejected { .. } => "rejected",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("holds_permit", &self.permit.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    #[inline]
+    pub(super) fn admitted(svc: S, req: Req, permit: Permit) -> Self {
+        ResponseFuture {
+            state: State::Ready,
+            sleep: None,
+            svc: Some(svc),
+            req: Some(req),
+            permit: Some(permit),
+        }
+    }
+
+    pub(super) fn queued(svc: S, req: Req, ticket: Ticket) -> Self {
+        ResponseFuture {
+            state: State::Waiting { ticket },
+            sleep: None,
+            svc: Some(svc),
+            req: Some(req),
+            permit: None,
+        }
+    }
+
+    pub(super) fn rejected(err: BreakwaterError) -> Self {
+        ResponseFuture {
+            state: State::Rejected {
+                err: Some(Box::new(err)),
+            },
+            sleep: None,
+            svc: None,
+            req: None,
+            permit: None,
+        }
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Waiting { ticket } => {
+                    let sleep = &mut *this.sleep;
+                    // A permit handed over wins over a deadline reached in the same poll.
+                    let permit = match ticket.poll(cx) {
+                        Some(permit) => permit,
+                        None => {
+                            if sleep.is_none() {
+                                if let Some(d) = ticket.deadline() {
+                                    *sleep = Some(Box::pin(tokio::time::sleep_until(d)));
+                                }
+                            }
+                            let expired = sleep
+                                .as_mut()
+                                .is_some_and(|s| s.as_mut().poll(cx).is_ready());
+                            if !expired {
+                                return Poll::Pending;
+                            }
+                            match ticket.give_up() {
+                                Ok(permit) => permit,
+                                Err(err) => {
+                                    this.state.set(State::Done);
+                                    *this.svc = None;
+                                    return Poll::Ready(Err(Box::new(err)));
+                                }
+                            }
+                        }
+                    };
+                    *this.permit = Some(permit);
+                    *this.sleep = None;
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    let svc = this
+                        .svc
+                        .as_mut()
+                        .expect("inner service present until called");
+                    // Held in a local while inner code runs: a panic unwinding through
+                    // this poll drops it, which returns the permit.
+                    let permit = this.permit.take();
+                    match svc.poll_ready(cx) {
+                        Poll::Pending => {
+                            *this.permit = permit;
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            this.state.set(State::Done);
+                            *this.svc = None;
+                            drop(permit);
+                            return Poll::Ready(Err(e.into()));
+                        }
+                        Poll::Ready(Ok(())) => {
+                            let req = this.req.take().expect("request present until called");
+                            let fut = svc.call(req);
+                            *this.permit = permit;
+                            *this.svc = None;
+                            this.state.set(State::Called { fut });
+                        }
+                    }
+                }
+                StateProj::Called { fut } => {
+                    let permit = this.permit.take();
+                    return match fut.poll(cx) {
+                        Poll::Pending => {
+                            *this.permit = permit;
+                            Poll::Pending
+                        }
+                        Poll::Ready(result) => {
+                            // Completed: drop the inner future, then return the permit now,
+                            // not when the caller drops this future.
+                            this.state.set(State::Done);
+                            drop(permit);
+                            Poll::Ready(result.map_err(Into::into))
+                        }
+                    };
+                }
+                StateProj::Rejected { err } => {
+                    let err = err.take().expect("rejection present until returned");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(err));
+                }
+                StateProj::Done => panic!("Bulkhead ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
