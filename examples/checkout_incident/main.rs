@@ -26,6 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_breakwater::BoxError;
+use tower_breakwater::bulkhead::BulkheadLayer;
 use tower_breakwater::circuit_breaker::{CircuitBreakerLayer, SlidingWindow};
 use tower_breakwater::coalesce::CoalesceLayer;
 use tower_breakwater::http::HttpClassifier;
@@ -70,17 +71,28 @@ fn http_client() -> HttpService {
     }))
 }
 
-/// The fraud-check client with protection, outermost first: a rate limiter (GCRA, 150
-/// checks/s, burst 20, waiting at most 50 ms) keeps us under what the API can serve; a circuit
-/// breaker (count window 40, failure rate 50%, 2 s open) fails fast while it is down, counting
-/// 5xx and 429 as failures; a 250 ms timeout inside the breaker so slow calls count as
-/// failures.
+/// The fraud-check client with protection, outermost first: an overall 400 ms deadline
+/// bounds limiter wait + bulkhead wait + call; a rate limiter (GCRA, 150 checks/s, burst 20,
+/// waiting at most 50 ms) keeps us under what the API can serve; a bulkhead (8 calls in
+/// flight, waiting at most 20 ms) caps the concurrency the API sees; a circuit breaker (count
+/// window 40, failure rate 50%, 2 s open) fails fast while it is down, counting 5xx and 429 as
+/// failures; a 250 ms timeout inside the breaker so slow calls count as failures, and inside
+/// the bulkhead so a permit is held at most that long.
 fn protect_fraud(inner: HttpService) -> Result<HttpService, BoxError> {
     let limiter = RateLimitLayer::builder()
         .name("fraud-api")
         .rate(150, Duration::from_secs(1))
         .burst(20)
         .max_wait(Duration::from_millis(50))
+        .build()?;
+    let bulkhead = BulkheadLayer::builder()
+        .name("fraud-api")
+        .max_concurrent_calls(8)
+        .max_wait(Duration::from_millis(20))
+        .build()?;
+    let deadline = TimeoutLayer::builder()
+        .name("fraud-api-overall")
+        .timeout(Duration::from_millis(400))
         .build()?;
     let breaker = CircuitBreakerLayer::builder()
         .name("fraud-api")
@@ -98,7 +110,9 @@ fn protect_fraud(inner: HttpService) -> Result<HttpService, BoxError> {
         .build()?;
     Ok(BoxCloneService::new(
         ServiceBuilder::new()
+            .layer(deadline)
             .layer(limiter)
+            .layer(bulkhead)
             .layer(breaker)
             .layer(timeout)
             .service(inner),
