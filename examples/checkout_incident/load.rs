@@ -101,6 +101,8 @@ pub struct Summary {
     pub fraud_calls: u64,
     pub risk_calls: u64,
     pub fraud_peak: usize,
+    /// Fraud checks the client had in flight at once, below every layer (set by the caller).
+    pub client_peak: usize,
 }
 
 impl Summary {
@@ -127,6 +129,7 @@ impl Summary {
             fraud_calls: stats.fraud_calls.load(Ordering::SeqCst),
             risk_calls: stats.risk_calls.load(Ordering::SeqCst),
             fraud_peak: stats.peak_in_flight.load(Ordering::SeqCst),
+            client_peak: 0,
         }
     }
 
@@ -204,6 +207,12 @@ pub fn print_table(runs: &[(&str, &Summary)]) {
         (
             "latency p99".into(),
             runs.iter().map(|(_, s)| ms(s.p99)).collect(),
+        ),
+        (
+            "fraud calls in flight (client)".into(),
+            runs.iter()
+                .map(|(_, s)| s.client_peak.to_string())
+                .collect(),
         ),
         (
             "fraud API peak concurrency".into(),

@@ -1,0 +1,256 @@
+//! The two clients of the checkout service, unprotected and protected, and one checkout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::util::BoxCloneService;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_breakwater::BoxError;
+use tower_breakwater::bulkhead::{BulkheadHandle, BulkheadLayer};
+use tower_breakwater::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer, SlidingWindow};
+use tower_breakwater::coalesce::{CoalesceHandle, CoalesceLayer};
+use tower_breakwater::http::HttpClassifier;
+use tower_breakwater::rate_limit::RateLimitLayer;
+use tower_breakwater::timeout::TimeoutLayer;
+
+use crate::load::Phase;
+
+/// An HTTP client as a service, with the body buffered.
+pub type HttpService = BoxCloneService<Request<Full<Bytes>>, Response<Bytes>, BoxError>;
+
+/// A risk-profile answer: status and body, cheap to clone (so coalesced callers share it).
+pub type RiskAnswer = (hyper::StatusCode, Bytes);
+
+/// The risk-profile lookup as a service.
+pub type RiskService = BoxCloneService<Request<Full<Bytes>>, RiskAnswer, BoxError>;
+
+/// The knobs of the protected stack.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Fraud checks per second the rate limiter lets through.
+    pub fraud_rate: u64,
+    /// Fraud checks in flight the bulkhead allows.
+    pub fraud_concurrency: usize,
+    /// How long the breaker stays open before probing.
+    pub breaker_wait: Duration,
+    /// The breaker's count window and its minimum number of calls.
+    pub breaker_window: (u64, u64),
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            fraud_rate: 150,
+            fraud_concurrency: 8,
+            breaker_wait: Duration::from_secs(2),
+            breaker_window: (40, 20),
+        }
+    }
+}
+
+/// The clients of one run, with handles on the protected layers.
+#[allow(dead_code)] // the handles are read by the integration test
+pub struct Clients {
+    pub risk: RiskService,
+    pub fraud: HttpService,
+    pub breaker: Option<CircuitBreakerHandle>,
+    pub bulkhead: Option<BulkheadHandle>,
+    pub coalesce: Option<CoalesceHandle>,
+    /// The most fraud checks the client had in flight at once (below every layer).
+    pub fraud_client_peak: Arc<AtomicUsize>,
+}
+
+fn risk_answers(
+    inner: HttpService,
+) -> impl tower::Service<Request<Full<Bytes>>, Response = RiskAnswer, Error = BoxError, Future: Send>
++ Clone {
+    inner.map_response(|res: Response<Bytes>| (res.status(), res.into_body()))
+}
+
+fn http_client() -> HttpService {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    BoxCloneService::new(tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let client = client.clone();
+        async move {
+            let (parts, body) = client.request(req).await?.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok::<_, BoxError>(Response::from_parts(parts, body))
+        }
+    }))
+}
+
+/// An HTTP client that records its peak number of requests in flight.
+fn counted_client(peak: Arc<AtomicUsize>) -> HttpService {
+    let inner = http_client();
+    let now = Arc::new(AtomicUsize::new(0));
+    BoxCloneService::new(tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let (inner, now, peak) = (inner.clone(), now.clone(), peak.clone());
+        async move {
+            struct Leave(Arc<AtomicUsize>);
+            impl Drop for Leave {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            peak.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            let _leave = Leave(now);
+            inner.oneshot(req).await
+        }
+    }))
+}
+
+/// Plain clients: no deadline, no limit.
+pub fn unprotected() -> Clients {
+    let peak = Arc::new(AtomicUsize::new(0));
+    Clients {
+        risk: BoxCloneService::new(risk_answers(http_client())),
+        fraud: counted_client(peak.clone()),
+        breaker: None,
+        bulkhead: None,
+        coalesce: None,
+        fraud_client_peak: peak,
+    }
+}
+
+/// The protected clients.
+///
+/// Fraud checks, outermost first: an overall 400 ms deadline bounds limiter wait + bulkhead
+/// wait + call; a rate limiter (GCRA, `fraud_rate` per second, burst 20, waiting at most
+/// 50 ms) keeps us under what the API can serve; a bulkhead (`fraud_concurrency` in flight,
+/// waiting at most 20 ms) caps the concurrency the API sees; a circuit breaker (count window
+/// `breaker_window`, failure rate 50%, `breaker_wait` open) fails fast while the API is down, counting 5xx
+/// and 429 as failures; a 250 ms timeout inside the breaker so slow calls count as failures,
+/// and inside the bulkhead so a permit is held at most that long.
+///
+/// Risk-profile lookups: concurrent lookups of one merchant share one upstream call
+/// (coalescing, keyed by URI: GETs with no per-user headers here), each with a 300 ms timeout.
+pub fn protected(settings: &Settings) -> Result<Clients, BoxError> {
+    let deadline = TimeoutLayer::builder()
+        .name("fraud-api-overall")
+        .timeout(Duration::from_millis(400))
+        .build()?;
+    let limiter = RateLimitLayer::builder()
+        .name("fraud-api")
+        .rate(settings.fraud_rate, Duration::from_secs(1))
+        .burst(20)
+        .max_wait(Duration::from_millis(50))
+        .build()?;
+    let bulkhead = BulkheadLayer::builder()
+        .name("fraud-api")
+        .max_concurrent_calls(settings.fraud_concurrency)
+        .max_wait(Duration::from_millis(20))
+        .build()?;
+    let breaker = CircuitBreakerLayer::builder()
+        .name("fraud-api")
+        .sliding_window(SlidingWindow::count_based(settings.breaker_window.0))
+        .minimum_calls(settings.breaker_window.1)
+        .failure_rate_threshold(0.5)
+        .wait_in_open(settings.breaker_wait)
+        .permitted_calls_in_half_open(5)
+        .classifier(HttpClassifier::new())
+        .build()?;
+    let timeout = TimeoutLayer::builder()
+        .name("fraud-api")
+        .timeout(Duration::from_millis(250))
+        .classifier(HttpClassifier::new())
+        .build()?;
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (breaker_handle, bulkhead_handle) = (breaker.handle(), bulkhead.handle());
+    let fraud = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(deadline)
+            .layer(limiter)
+            .layer(bulkhead)
+            .layer(breaker)
+            .layer(timeout)
+            .service(counted_client(peak.clone())),
+    );
+
+    let coalesce = CoalesceLayer::builder()
+        .name("risk-profile")
+        .key(|req: &Request<Full<Bytes>>| req.uri().clone())
+        .build()?;
+    let risk_timeout = TimeoutLayer::builder()
+        .name("risk-profile")
+        .timeout(Duration::from_millis(300))
+        .classifier(HttpClassifier::new())
+        .build()?;
+    let coalesce_handle = coalesce.handle();
+    let timed = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(risk_timeout)
+            .service(http_client()),
+    );
+    let risk = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(coalesce)
+            .service(risk_answers(timed)),
+    );
+    Ok(Clients {
+        risk,
+        fraud,
+        breaker: Some(breaker_handle),
+        bulkhead: Some(bulkhead_handle),
+        coalesce: Some(coalesce_handle),
+        fraud_client_peak: peak,
+    })
+}
+
+/// One checkout: the merchant's risk profile (one of 5 hot merchants), then the fraud check.
+pub async fn checkout(
+    n: u64,
+    base: &str,
+    risk: RiskService,
+    fraud: HttpService,
+) -> Result<(), BoxError> {
+    let merchant = n % 5;
+    let req = Request::get(format!("{base}/merchants/{merchant}/risk")).body(Full::default())?;
+    let (status, _profile) = risk.oneshot(req).await?;
+    if !status.is_success() {
+        return Err(format!("risk API answered {status}").into());
+    }
+    let req = Request::post(format!("{base}/fraud-check"))
+        .body(Full::new(Bytes::from(format!("{{\"tx\":{n}}}"))))?;
+    let res = fraud.oneshot(req).await?;
+    if !res.status().is_success() {
+        return Err(format!("fraud API answered {}", res.status()).into());
+    }
+    Ok(())
+}
+
+/// The incident: normal traffic (1 unit), a spike at three times the rate (3 units), an
+/// outage of the fraud API (2 units), recovery (2 units).
+pub fn phases(rps: u32, unit: Duration) -> [Phase; 4] {
+    [
+        Phase {
+            name: "normal",
+            duration: unit,
+            rps,
+            outage: false,
+        },
+        Phase {
+            name: "spike",
+            duration: unit * 3,
+            rps: rps * 3,
+            outage: false,
+        },
+        Phase {
+            name: "outage",
+            duration: unit * 2,
+            rps,
+            outage: true,
+        },
+        Phase {
+            name: "recovery",
+            duration: unit * 2,
+            rps,
+            outage: false,
+        },
+    ]
+}

@@ -1,0 +1,117 @@
+//! The checkout incident, scaled down to about two seconds of real time over loopback HTTP
+//! (the one test where real time passes). It asserts counts, never latencies.
+#![cfg(all(
+    feature = "http",
+    feature = "timeout",
+    feature = "circuit-breaker",
+    feature = "bulkhead",
+    feature = "rate-limit",
+    feature = "coalesce"
+))]
+
+#[allow(dead_code)]
+#[path = "../examples/checkout_incident/load.rs"]
+mod load;
+#[allow(dead_code)]
+#[path = "../examples/checkout_incident/server.rs"]
+mod server;
+#[allow(dead_code)]
+#[path = "../examples/checkout_incident/stacks.rs"]
+mod stacks;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use load::{Outcome, Summary};
+use server::ServerConfig;
+use stacks::Settings;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protected_run_bounds_concurrency_opens_and_recovers_and_loses_nothing() {
+    let cfg = ServerConfig {
+        workers: 4,
+        base: Duration::from_millis(20),
+        outage_delay: Duration::from_secs(1),
+        risk_time: Duration::from_millis(120),
+        risk_max_age: 60,
+    };
+    let (addr, stats) = server::start(cfg).await.unwrap();
+    let base = format!("http://{addr}");
+    let settings = Settings {
+        fraud_rate: 150,
+        fraud_concurrency: 6,
+        breaker_wait: Duration::from_millis(200),
+        breaker_window: (10, 5),
+    };
+    let clients = stacks::protected(&settings).unwrap();
+    let phases = stacks::phases(100, Duration::from_millis(250));
+    let issued = std::sync::atomic::AtomicUsize::new(0);
+    let (risk, fraud) = (clients.risk.clone(), clients.fraud.clone());
+    let records = load::drive(&phases, &stats, |n| {
+        issued.fetch_add(1, Ordering::SeqCst);
+        let (risk, fraud, base) = (risk.clone(), fraud.clone(), base.clone());
+        async move { stacks::checkout(n, &base, risk, fraud).await }
+    })
+    .await;
+    let issued = issued.load(Ordering::SeqCst);
+    let summary = Summary::new(&records, &stats);
+
+    // Every checkout ends in exactly one outcome; none is lost.
+    assert!(issued > 300, "{issued} checkouts issued");
+    assert_eq!(records.len(), issued);
+    let accounted = summary.count(Outcome::Success)
+        + summary.rejected()
+        + summary.count(Outcome::Error)
+        + summary.count(Outcome::Timeout);
+    assert_eq!(accounted, records.len());
+
+    // The client never had more fraud calls in flight than the bulkhead allows.
+    let client_peak = clients.fraud_client_peak.load(Ordering::SeqCst);
+    assert!(client_peak >= 1);
+    assert!(
+        client_peak <= settings.fraud_concurrency,
+        "client peak {client_peak} > bulkhead {}",
+        settings.fraud_concurrency
+    );
+    // The server saw at most that, plus the calls our timeouts abandoned while the server
+    // was still working on them (reported).
+    let abandoned = summary.count(Outcome::Timeout);
+    println!(
+        "server peak {}, bulkhead {}, abandoned by timeouts {abandoned}",
+        summary.fraud_peak, settings.fraud_concurrency
+    );
+    assert!(summary.fraud_peak <= settings.fraud_concurrency + abandoned);
+
+    // The breaker opened during the outage and admitted probes after it.
+    let breaker = clients.breaker.as_ref().unwrap().snapshot();
+    println!("breaker snapshot: {breaker:?}");
+    let bulkhead = clients.bulkhead.as_ref().unwrap().snapshot();
+    assert_eq!(
+        bulkhead.gauge("in_flight"),
+        Some(0.0),
+        "every permit came back"
+    );
+    assert!(
+        summary.count(Outcome::Rejected("circuit_breaker")) > 0,
+        "the breaker opened and rejected calls"
+    );
+    // Closed again after rejecting: it went Open, then HalfOpen, and its probes succeeded.
+    assert_ne!(
+        clients.breaker.as_ref().unwrap().state(),
+        tower_breakwater::circuit_breaker::State::Open,
+        "after the recovery phase the breaker has left Open"
+    );
+
+    // The cacheable lookup made far fewer upstream calls than requests.
+    let risk_calls = stats.risk_calls.load(Ordering::SeqCst);
+    assert!(
+        risk_calls * 2 < records.len() as u64,
+        "{risk_calls} risk calls"
+    );
+    let coalesce = clients.coalesce.as_ref().unwrap().snapshot();
+    assert_eq!(
+        coalesce.counter("leaders").unwrap(),
+        risk_calls,
+        "every upstream lookup was a leader"
+    );
+}
