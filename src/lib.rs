@@ -10,6 +10,7 @@
 //! | rate limiter (GCRA, shared or keyed) | overwhelming an external API; one client starving others | [`rate_limit`] |
 //! | coalescing (singleflight) | identical concurrent requests each going upstream | [`coalesce`] |
 //! | bulkhead, load shedding | one dependency exhausting concurrency | [`bulkhead`] |
+//! | the recommended stack for one dependency, in one builder call | all of the above | [`preset`] |
 //!
 //! Every layer is a `tower::Layer`, usable in `tower::ServiceBuilder`, and shares the same
 //! foundations:
@@ -87,6 +88,8 @@ pub mod circuit_breaker;
 pub mod coalesce;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "preset")]
+pub mod preset;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 

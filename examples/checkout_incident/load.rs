@@ -209,7 +209,7 @@ pub fn print_table(runs: &[(&str, &Summary)]) {
             runs.iter().map(|(_, s)| ms(s.p99)).collect(),
         ),
         (
-            "fraud calls in flight (client)".into(),
+            "fraud in flight (client)".into(),
             runs.iter()
                 .map(|(_, s)| s.client_peak.to_string())
                 .collect(),

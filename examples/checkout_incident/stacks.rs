@@ -9,14 +9,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tower::Layer;
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_breakwater::BoxError;
-use tower_breakwater::bulkhead::{BulkheadHandle, BulkheadLayer};
-use tower_breakwater::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer, SlidingWindow};
+use tower_breakwater::bulkhead::BulkheadHandle;
+use tower_breakwater::circuit_breaker::{CircuitBreakerHandle, SlidingWindow};
 use tower_breakwater::coalesce::{CoalesceHandle, CoalesceLayer};
 use tower_breakwater::http::HttpClassifier;
-use tower_breakwater::rate_limit::RateLimitLayer;
+use tower_breakwater::preset::Dependency;
 use tower_breakwater::timeout::TimeoutLayer;
 
 use crate::load::Phase;
@@ -120,8 +121,8 @@ pub fn unprotected() -> Clients {
 
 /// The protected clients.
 ///
-/// Fraud checks, outermost first: an overall 400 ms deadline bounds limiter wait + bulkhead
-/// wait + call; a rate limiter (GCRA, `fraud_rate` per second, burst 20, waiting at most
+/// Fraud checks, through the dependency preset (`tower_breakwater::preset`), outermost first:
+/// an overall 400 ms deadline bounds limiter wait + bulkhead wait + call; a rate limiter (GCRA, `fraud_rate` per second, burst 20, waiting at most
 /// 50 ms) keeps us under what the API can serve; a bulkhead (`fraud_concurrency` in flight,
 /// waiting at most 20 ms) caps the concurrency the API sees; a circuit breaker (count window
 /// `breaker_window`, failure rate 50%, `breaker_wait` open) fails fast while the API is down, counting 5xx
@@ -131,46 +132,29 @@ pub fn unprotected() -> Clients {
 /// Risk-profile lookups: concurrent lookups of one merchant share one upstream call
 /// (coalescing, keyed by URI: GETs with no per-user headers here), each with a 300 ms timeout.
 pub fn protected(settings: &Settings) -> Result<Clients, BoxError> {
-    let deadline = TimeoutLayer::builder()
-        .name("fraud-api-overall")
-        .timeout(Duration::from_millis(400))
-        .build()?;
-    let limiter = RateLimitLayer::builder()
-        .name("fraud-api")
-        .rate(settings.fraud_rate, Duration::from_secs(1))
-        .burst(20)
-        .max_wait(Duration::from_millis(50))
-        .build()?;
-    let bulkhead = BulkheadLayer::builder()
-        .name("fraud-api")
-        .max_concurrent_calls(settings.fraud_concurrency)
-        .max_wait(Duration::from_millis(20))
-        .build()?;
-    let breaker = CircuitBreakerLayer::builder()
-        .name("fraud-api")
-        .sliding_window(SlidingWindow::count_based(settings.breaker_window.0))
-        .minimum_calls(settings.breaker_window.1)
-        .failure_rate_threshold(0.5)
-        .wait_in_open(settings.breaker_wait)
-        .permitted_calls_in_half_open(5)
+    let fraud_api = Dependency::builder("fraud-api")
+        .deadline(Duration::from_millis(400))
+        .rate_limit(
+            settings.fraud_rate,
+            Duration::from_secs(1),
+            20,
+            Duration::from_millis(50),
+        )
+        .concurrency(settings.fraud_concurrency, Duration::from_millis(20))
+        .call_timeout(Duration::from_millis(250))
         .classifier(HttpClassifier::new())
-        .build()?;
-    let timeout = TimeoutLayer::builder()
-        .name("fraud-api")
-        .timeout(Duration::from_millis(250))
-        .classifier(HttpClassifier::new())
+        .circuit_breaker(|b| {
+            b.sliding_window(SlidingWindow::count_based(settings.breaker_window.0))
+                .minimum_calls(settings.breaker_window.1)
+                .failure_rate_threshold(0.5)
+                .wait_in_open(settings.breaker_wait)
+                .permitted_calls_in_half_open(5)
+        })
         .build()?;
     let peak = Arc::new(AtomicUsize::new(0));
-    let (breaker_handle, bulkhead_handle) = (breaker.handle(), bulkhead.handle());
-    let fraud = BoxCloneService::new(
-        ServiceBuilder::new()
-            .layer(deadline)
-            .layer(limiter)
-            .layer(bulkhead)
-            .layer(breaker)
-            .layer(timeout)
-            .service(counted_client(peak.clone())),
-    );
+    let (breaker_handle, bulkhead_handle) =
+        (fraud_api.breaker().clone(), fraud_api.bulkhead().clone());
+    let fraud = BoxCloneService::new(fraud_api.layer(counted_client(peak.clone())));
 
     let coalesce = CoalesceLayer::builder()
         .name("risk-profile")

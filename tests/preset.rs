@@ -1,0 +1,174 @@
+//! The dependency preset: order of the layers, shared name, the overall deadline.
+#![cfg(feature = "preset")]
+
+mod support;
+
+use std::time::Duration;
+
+use support::Count;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_breakwater::BoxError;
+use tower_breakwater::circuit_breaker::{SlidingWindow, State};
+use tower_breakwater::error::{self, ErrorKind, LayerKind};
+use tower_breakwater::preset::Dependency;
+use tower_breakwater::registry::Registry;
+
+/// An inner service sleeping `ms` per request and counting calls.
+fn sleeper(
+    calls: Count,
+) -> impl Service<u64, Response = u64, Error = BoxError, Future: Send> + Clone {
+    service_fn(move |ms: u64| {
+        calls.incr();
+        async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, BoxError>(ms)
+        }
+    })
+}
+
+fn kind(err: &BoxError) -> (ErrorKind, String) {
+    let ours = error::find(err.as_ref()).expect("one of ours");
+    (ours.kind(), ours.name().to_owned())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_dependency_trips_the_breaker_through_the_inner_timeout() {
+    let calls = Count::default();
+    let layer = Dependency::builder("inventory")
+        .call_timeout(Duration::from_millis(100))
+        .circuit_breaker(|b| {
+            b.sliding_window(SlidingWindow::count_based(4))
+                .minimum_calls(4)
+                .wait_in_open(Duration::from_secs(10))
+        })
+        .build()
+        .unwrap();
+    let svc = layer.layer(sleeper(calls.clone()));
+    for _ in 0..4 {
+        let err = svc.clone().oneshot(1_000).await.unwrap_err();
+        assert_eq!(kind(&err), (ErrorKind::Timeout, "inventory".to_owned()));
+    }
+    assert_eq!(layer.breaker().state(), State::Open);
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert_eq!(kind(&err), (ErrorKind::CircuitOpen, "inventory".to_owned()));
+    assert_eq!(calls.get(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bulkhead_rejections_never_count_against_the_dependency() {
+    let calls = Count::default();
+    let layer = Dependency::builder("inventory")
+        .concurrency(1, Duration::ZERO)
+        .build()
+        .unwrap();
+    let svc = layer.layer(sleeper(calls.clone()));
+    let holder = tokio::spawn(svc.clone().oneshot(50));
+    tokio::task::yield_now().await;
+    for _ in 0..10 {
+        let err = svc.clone().oneshot(1).await.unwrap_err();
+        assert_eq!(
+            kind(&err),
+            (ErrorKind::BulkheadFull, "inventory".to_owned())
+        );
+    }
+    assert_eq!(holder.await.unwrap().unwrap(), 50);
+    assert_eq!(calls.get(), 1);
+    let snap = layer.breaker().snapshot();
+    assert_eq!(
+        snap.gauge("calls_in_window"),
+        Some(1.0),
+        "only the holder's success"
+    );
+    assert_eq!(snap.gauge("failure_rate"), Some(0.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_overall_deadline_bounds_bulkhead_wait_plus_call() {
+    let calls = Count::default();
+    let layer = Dependency::builder("inventory")
+        .call_timeout(Duration::from_millis(300))
+        .concurrency(1, Duration::from_millis(500))
+        .deadline(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let svc = layer.layer(sleeper(calls.clone()));
+    let start = Instant::now();
+    let holder = tokio::spawn(svc.clone().oneshot(1_000));
+    tokio::task::yield_now().await;
+    // Queued behind the holder until its call times out at 300 ms, then called; the overall
+    // deadline cuts it off at 400 ms, before its own 300 ms call timeout would.
+    let err = svc.oneshot(1_000).await.unwrap_err();
+    assert_eq!(
+        kind(&err),
+        (ErrorKind::Timeout, "inventory:deadline".to_owned())
+    );
+    assert_eq!(Instant::now() - start, Duration::from_millis(400));
+    let err = holder.await.unwrap().unwrap_err();
+    assert_eq!(kind(&err), (ErrorKind::Timeout, "inventory".to_owned()));
+    assert_eq!(calls.get(), 2);
+    assert_eq!(layer.bulkhead().available(), 1, "every permit came back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn coalesced_callers_take_no_permit_and_no_rate_token() {
+    let calls = Count::default();
+    let layer = Dependency::builder("profiles")
+        .concurrency(1, Duration::ZERO)
+        .rate_limit(1, Duration::from_secs(10), 1, Duration::ZERO)
+        .coalesce(|ms: &u64| *ms)
+        .build()
+        .unwrap();
+    let svc = layer.layer(sleeper(calls.clone()));
+    let all: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(svc.clone().oneshot(20)))
+        .collect();
+    for t in all {
+        assert_eq!(t.await.unwrap().unwrap(), 20);
+    }
+    assert_eq!(calls.get(), 1);
+    // The one token is spent: the next call (new key, nothing in flight) is rate limited.
+    let err = svc.oneshot(21).await.unwrap_err();
+    assert_eq!(kind(&err), (ErrorKind::RateLimited, "profiles".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_layer_carries_the_dependency_name() {
+    let registry = Registry::new();
+    let _layer = Dependency::builder("fraud")
+        .rate_limit(100, Duration::from_secs(1), 10, Duration::ZERO)
+        .registry(&registry)
+        .build()
+        .unwrap();
+    let got: Vec<(String, LayerKind)> = registry
+        .snapshot()
+        .into_iter()
+        .map(|s| (s.name, s.layer))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("fraud".to_owned(), LayerKind::RateLimiter),
+            ("fraud:deadline".to_owned(), LayerKind::Timeout),
+            ("fraud".to_owned(), LayerKind::Bulkhead),
+            ("fraud".to_owned(), LayerKind::CircuitBreaker),
+            ("fraud".to_owned(), LayerKind::Timeout),
+        ]
+    );
+}
+
+#[test]
+fn invalid_settings_are_config_errors() {
+    let err = Dependency::builder("x")
+        .call_timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!((err.layer(), err.field()), (LayerKind::Timeout, "timeout"));
+    let err = Dependency::builder("x")
+        .concurrency(0, Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.layer(), LayerKind::Bulkhead);
+    let err = Dependency::builder("").build().unwrap_err();
+    assert_eq!(err.field(), "name");
+}
