@@ -370,7 +370,7 @@ impl<C, R, K> DependencyBuilder<C, R, K> {
     }
 
     /// The metrics profile of every layer (default
-    /// [`MetricsProfile::Breakwater`](crate::metrics::MetricsProfile::Breakwater)).
+    /// [`MetricsProfile::Breakwater`]).
     pub fn metrics_profile(mut self, profile: MetricsProfile) -> Self {
         self.profile = Some(profile);
         self
