@@ -37,6 +37,8 @@ impl Outcome {
     pub fn of(result: &Result<(), BoxError>) -> Outcome {
         match result {
             Ok(()) => Outcome::Success,
+            // A plain client timeout (the unprotected run) counts as a timeout too.
+            Err(e) if e.is::<tokio::time::error::Elapsed>() => Outcome::Timeout,
             Err(e) => match error::find(e.as_ref()) {
                 Some(ours) if ours.kind() == ErrorKind::Timeout => Outcome::Timeout,
                 Some(ours) if ours.is_rejection() => Outcome::Rejected(ours.layer().as_str()),

@@ -10,8 +10,10 @@
 //! distinct.
 //!
 //! Run: `cargo run --release --example checkout_incident`. Environment variables change the
-//! traffic: `DEMO_RPS` (base checkouts per second, default 100) and `DEMO_PHASE_MS` (length
-//! of one phase unit in milliseconds, default 1000; the run is 8 units, twice).
+//! traffic and the limits: `DEMO_RPS` (base checkouts per second, default 100),
+//! `DEMO_PHASE_MS` (length of one phase unit in milliseconds, default 1000; the run is 8 units,
+//! twice), `DEMO_FRAUD_RATE` (fraud checks per second the rate limiter allows, default 150),
+//! `DEMO_FRAUD_CONCURRENCY` (fraud checks in flight the bulkhead allows, default 8).
 
 mod load;
 mod server;
@@ -70,7 +72,11 @@ async fn main() -> Result<(), BoxError> {
     for protected in [false, true] {
         stats.reset();
         let clients = if protected {
-            stacks::protected(&Settings::default())?
+            stacks::protected(&Settings {
+                fraud_rate: env("DEMO_FRAUD_RATE", 150),
+                fraud_concurrency: env("DEMO_FRAUD_CONCURRENCY", 8) as usize,
+                ..Settings::default()
+            })?
         } else {
             stacks::unprotected()
         };

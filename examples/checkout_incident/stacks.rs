@@ -106,12 +106,22 @@ fn counted_client(peak: Arc<AtomicUsize>) -> HttpService {
     }))
 }
 
-/// Plain clients: no deadline, no limit.
+/// A plain per-request client timeout, as most HTTP clients have (no other protection).
+fn with_client_timeout(inner: HttpService, timeout: Duration) -> HttpService {
+    BoxCloneService::new(tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let call = inner.clone().oneshot(req);
+        async move { tokio::time::timeout(timeout, call).await? }
+    }))
+}
+
+/// The unprotected clients: only a plain 1 s client timeout per request; no deadline across
+/// waits, no limit, no breaker, no coalescing.
 pub fn unprotected() -> Clients {
     let peak = Arc::new(AtomicUsize::new(0));
+    let timeout = Duration::from_secs(1);
     Clients {
-        risk: BoxCloneService::new(risk_answers(http_client())),
-        fraud: counted_client(peak.clone()),
+        risk: BoxCloneService::new(risk_answers(with_client_timeout(http_client(), timeout))),
+        fraud: with_client_timeout(counted_client(peak.clone()), timeout),
         breaker: None,
         bulkhead: None,
         coalesce: None,
