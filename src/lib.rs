@@ -68,8 +68,10 @@
 //! # Cargo features
 //!
 //! One per layer, all on by default: `timeout`, `circuit-breaker`, `bulkhead`, `rate-limit`,
-//! `coalesce`, `cache`. Optional: `http` (HTTP classification, `Retry-After`, request keys and
-//! rejection responses; see [`http`](mod@http)), `tracing` (emit every event as a `tracing` event too).
+//! `coalesce`, `cache`, and `preset` (the recommended stack). Also on by default: `http` (HTTP
+//! classification, `Retry-After`, request keys and rejection responses; see
+//! [`http`](mod@http)). Off by default: `serde` (JSON snapshots), `tracing` (emit every event as
+//! a `tracing` event too).
 
 pub mod classify;
 pub mod clock;
