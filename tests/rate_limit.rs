@@ -876,6 +876,8 @@ proptest! {
         max_wait_ms in prop_oneof![Just(0u64), 1u64..=250],
         arrivals in prop::collection::vec(arrival(), 1..60),
     ) {
+        // Wait mode needs T >= 1 ms (a ConfigError otherwise, tested elsewhere).
+        prop_assume!(max_wait_ms == 0 || period_ms >= count);
         let (t, adm) = admissions(count, period_ms, burst, max_wait_ms, &arrivals);
         prop_assert_eq!(t, (period_ms * MS).div_ceil(count));
         for i in 0..adm.len() {
@@ -885,4 +887,125 @@ proptest! {
             }
         }
     }
+}
+
+// ---- regressions ------------------------------------------------------------------------
+
+/// The limiter's representable span: `u64::MAX` ns less its 100-year horizon.
+const HORIZON_NS: u64 = 100 * 365 * 86_400 * 1_000_000_000;
+const ROOM_NS: u64 = u64::MAX - HORIZON_NS;
+
+#[test]
+fn configurations_whose_tat_could_overflow_are_config_errors() {
+    let field = |r: Result<RateLimitLayer, tower_breakwater::ConfigError>| r.unwrap_err().field();
+    let ns = Duration::from_nanos;
+    // The configuration whose TAT used to saturate: T alone leaves no room for a second slot.
+    assert_eq!(
+        field(
+            RateLimitLayer::builder()
+                .rate(1, ns(u64::MAX - 1))
+                .burst(1)
+                .max_wait(ns(u64::MAX))
+                .build()
+        ),
+        "rate"
+    );
+    assert_eq!(field(RateLimitLayer::new(1, ns(ROOM_NS + 1))), "rate");
+    let half = ROOM_NS / 2;
+    let b = || RateLimitLayer::builder().rate(1, ns(half));
+    // T + tau = 3 x half > room.
+    assert_eq!(field(b().burst(3).build()), "burst");
+    // T + tau + max_wait = room + 1.
+    assert_eq!(
+        field(b().burst(2).max_wait(ns(ROOM_NS - 2 * half + 1)).build()),
+        "max_wait"
+    );
+    // Exactly at the limit: accepted.
+    let h = b()
+        .burst(2)
+        .max_wait(ns(ROOM_NS - 2 * half))
+        .build()
+        .unwrap()
+        .handle();
+    assert_eq!((h.burst(), h.emission_interval()), (2, ns(half)));
+}
+
+/// T = half the room, max_wait = the rest: the largest configuration accepted.
+fn widest_layer() -> RateLimitLayer {
+    let half = ROOM_NS / 2;
+    RateLimitLayer::builder()
+        .rate(1, Duration::from_nanos(half))
+        .burst(1)
+        .max_wait(Duration::from_nanos(ROOM_NS - half))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_given_back_slot_restores_the_exact_tat_even_at_the_widest_configuration() {
+    let half = ROOM_NS / 2;
+    let layer = widest_layer();
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = layer.layer(inner);
+    call(&mut svc, 0).await.await.unwrap();
+    let mut waiter = Box::pin(call(&mut svc, 1).await); // emission T, TAT 2T
+    assert!(poll_once(&mut waiter).is_pending());
+    drop(waiter);
+    assert_eq!(layer.handle().snapshot().counter("given_back"), Some(1));
+    advance(Duration::from_millis(1)).await;
+    // Back to TAT = T exactly: the third call waits for T (T - 1 ms from now) ...
+    let mut third = Box::pin(call(&mut svc, 2).await);
+    assert!(poll_once(&mut third).is_pending());
+    // ... and the fourth would wait 2T - 1 ms > max_wait: rejected, with that exact wait.
+    let err = call(&mut svc, 3).await.await.unwrap_err();
+    assert_eq!(
+        rejection(&err),
+        (
+            ErrorKind::RateLimited,
+            Some(Duration::from_nanos(2 * half - 1_000_000))
+        )
+    );
+    drop(third);
+    assert_eq!(times.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_horizon_a_tat_that_would_overflow_rejects_instead_of_saturating() {
+    let half = ROOM_NS / 2;
+    let layer = widest_layer();
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = layer.layer(inner);
+    // 100 years and an hour later, t + 2T no longer fits in u64 nanoseconds.
+    advance(Duration::from_nanos(HORIZON_NS) + Duration::from_secs(3_600)).await;
+    call(&mut svc, 0).await.await.unwrap(); // TAT = t + T
+    // The second call's slot is T away (within max_wait) but its TAT would overflow: it is
+    // rejected, not given a saturated TAT.
+    let mut second = Box::pin(call(&mut svc, 1).await);
+    match poll_once(&mut second) {
+        Poll::Ready(Err(e)) => assert_eq!(
+            rejection(&e),
+            (ErrorKind::RateLimited, Some(Duration::from_nanos(half)))
+        ),
+        other => panic!("expected a rejection, got {:?}", other.map(|r| r.ok())),
+    }
+    drop(second);
+    // Nothing was given back below the first call's TAT: 1 ms later the slot is T - 1 ms
+    // away, and the call is not admitted.
+    advance(Duration::from_millis(1)).await;
+    let err = call(&mut svc, 2).await.await.unwrap_err();
+    assert_eq!(
+        rejection(&err),
+        (
+            ErrorKind::RateLimited,
+            Some(Duration::from_nanos(half - 1_000_000))
+        )
+    );
+    assert_eq!(times.lock().unwrap().len(), 1);
+    let snap = layer.handle().snapshot();
+    assert_eq!(
+        (snap.counter("rejected"), snap.counter("abandoned")),
+        (Some(2), Some(0))
+    );
 }

@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use ::metrics::{Counter, Gauge};
 
-use super::gcra::{Cell, Gcra};
+use super::gcra::{Cell, Gcra, HORIZON};
 use super::keyed::{Keys, Sweep};
 use super::layer::{Core, KeyedRateLimitLayer, Metrics, RateLimitHandle, RateLimitLayer, Stats};
 use crate::clock;
 use crate::config::{Common, ConfigError, common_builder_methods};
 use crate::error::LayerKind;
 use crate::metrics::names;
+
+/// The shortest emission interval `T` allowed in wait mode: 1 ms, tokio's timer resolution
+/// (see the [module docs](crate::rate_limit#reject-mode-and-wait-mode)).
+const MIN_WAIT_INTERVAL: u64 = 1_000_000;
 
 /// Default [`sweep_interval`](RateLimitBuilder::sweep_interval) of a keyed limiter: 1 s.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -113,21 +117,48 @@ impl<P> RateLimitBuilder<P> {
             ));
         }
         let interval = period_ns.div_ceil(count);
+        // Every TAT of the first HORIZON (100 years) after build() must fit in u64 ns.
+        let room = u64::MAX - HORIZON;
+        if interval > room {
+            return Err(v.error(
+                "rate",
+                (count, period),
+                "an emission interval period / count of at most u64::MAX ns less 100 years \
+                 (about 484 years)",
+            ));
+        }
         let burst = v.at_least_one("burst", self.burst.unwrap_or(count))?;
-        let tau = interval.checked_mul(burst - 1).ok_or_else(|| {
-            v.error(
-                "burst",
-                burst,
-                "a burst whose tolerance (burst - 1) x period / rate fits in u64 nanoseconds",
-            )
-        })?;
-        let max_wait = u64::try_from(self.max_wait.as_nanos()).map_err(|_| {
-            v.error(
+        let tau = interval
+            .checked_mul(burst - 1)
+            .filter(|tau| *tau <= room - interval)
+            .ok_or_else(|| {
+                v.error(
+                    "burst",
+                    burst,
+                    "a burst whose tolerance (burst - 1) x T plus T is at most u64::MAX ns \
+                     less 100 years (about 484 years)",
+                )
+            })?;
+        let max_wait = u64::try_from(self.max_wait.as_nanos())
+            .ok()
+            .filter(|w| *w <= room - interval - tau)
+            .ok_or_else(|| {
+                v.error(
+                    "max_wait",
+                    self.max_wait,
+                    "a duration such that max_wait + (burst - 1) x T + T is at most u64::MAX ns \
+                     less 100 years (about 484 years)",
+                )
+            })?;
+        if max_wait > 0 && interval < MIN_WAIT_INTERVAL {
+            return Err(v.error(
                 "max_wait",
                 self.max_wait,
-                "a duration of at most u64::MAX nanoseconds",
-            )
-        })?;
+                "zero (reject mode) when the emission interval period / count is under 1 ms: \
+                 timers tick in milliseconds, so waiters due within one millisecond would be \
+                 released together, more than `burst` at once",
+            ));
+        }
         let reg = self.common.registrar();
         let calls = |o| reg.counter(&names::RATE_LIMITER_CALLS, &[("outcome", o)]);
         let metrics = Metrics {
