@@ -1009,3 +1009,40 @@ async fn past_the_horizon_a_tat_that_would_overflow_rejects_instead_of_saturatin
         (Some(2), Some(0))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_key_finding_the_map_full_sweeps_recovered_keys_at_most_once_per_eighth_interval() {
+    let rec = TestRecorder::default();
+    // T = 100 ms, burst 1, 2 keys at most; scheduled sweeps every second (the first at 1 s),
+    // sweeps for a full map at most every 125 ms.
+    let layer = rec.install_while(|| {
+        RateLimitLayer::builder()
+            .rate(1, Duration::from_millis(100))
+            .burst(1)
+            .keyed(|x: &u32| *x)
+            .max_keys(2)
+            .build()
+            .unwrap()
+    });
+    let gauge = || rec.gauge(KEYS, &[("name", "default")]);
+    let (times, inner) = recorder(Instant::now());
+    let mut svc = layer.layer(inner);
+    assert_eq!(outcomes(&mut svc, &[1, 2]).await, vec![OK, OK]);
+    // At 0 ms the map is full and nothing has recovered: the sweep frees nothing.
+    assert_eq!(outcomes(&mut svc, &[9]).await, vec![FULL]);
+    advance(Duration::from_millis(500)).await;
+    // Keys 1 and 2 recovered at 100 ms: key 3 finds the map full, sweeps, and gets a place.
+    assert_eq!(outcomes(&mut svc, &[3, 4, 5]).await, vec![OK, OK, FULL]);
+    assert_eq!(gauge(), Some(2.0));
+    // Keys 3 and 4 recover at 600 ms, but the last full-map sweep (500 ms) was less than
+    // 125 ms ago: a flood of new keys is rejected without sweeping ...
+    advance(Duration::from_millis(124)).await;
+    assert_eq!(outcomes(&mut svc, &[5, 6, 7]).await, vec![FULL, FULL, FULL]);
+    assert_eq!(gauge(), Some(2.0), "no sweep ran");
+    // ... until 625 ms, when one sweeps and takes a freed place.
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(outcomes(&mut svc, &[5, 6, 7]).await, vec![OK, OK, FULL]);
+    assert_eq!(gauge(), Some(2.0));
+    assert_eq!(times.lock().unwrap().len(), 6);
+    assert_eq!(layer.handle().snapshot().counter("too_many_keys"), Some(6));
+}
