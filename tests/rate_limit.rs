@@ -1046,3 +1046,99 @@ async fn a_new_key_finding_the_map_full_sweeps_recovered_keys_at_most_once_per_e
     assert_eq!(times.lock().unwrap().len(), 6);
     assert_eq!(layer.handle().snapshot().counter("too_many_keys"), Some(6));
 }
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_needs_an_emission_interval_of_at_least_one_millisecond() {
+    // 10,000 per second (T = 100 us), burst 1, waits up to 10 ms: the timer would release
+    // the waiters due within each millisecond together (ten at once). Refused.
+    let e = RateLimitLayer::builder()
+        .rate(10_000, Duration::from_secs(1))
+        .burst(1)
+        .max_wait(Duration::from_millis(10))
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "max_wait");
+    assert!(e.to_string().contains("reject mode"), "{e}");
+    let b = |count, period| {
+        RateLimitLayer::builder()
+            .rate(count, period)
+            .burst(1)
+            .max_wait(Duration::from_millis(10))
+            .build()
+    };
+    assert_eq!(
+        b(1, Duration::from_nanos(999_999)).unwrap_err().field(),
+        "max_wait"
+    );
+    // T = ceil(1e9 / 1_000_001) ns < 1 ms: refused; T = 1 ms exactly: accepted.
+    assert!(b(1_000_001, Duration::from_secs(1)).is_err());
+    let exact = b(1_000, Duration::from_secs(1)).unwrap();
+    // Reject mode needs no timer: any T is accepted, and honoured to the nanosecond.
+    let strict = RateLimitLayer::builder()
+        .rate(10_000, Duration::from_secs(1))
+        .burst(1)
+        .build()
+        .unwrap();
+
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = exact.layer(inner.clone());
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        tasks.push(tokio::spawn(call(&mut svc, i).await));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // T = 1 ms, burst 1: one call per millisecond, never two at once.
+    let ms = Duration::from_millis;
+    assert_eq!(*times.lock().unwrap(), (0..10).map(ms).collect::<Vec<_>>());
+
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = strict.layer(inner);
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out.extend(outcomes(&mut svc, &[0, 0]).await);
+        advance(Duration::from_micros(100)).await;
+    }
+    assert_eq!(out, vec![OK, LIMITED, OK, LIMITED, OK, LIMITED]);
+    let us = Duration::from_micros;
+    assert_eq!(*times.lock().unwrap(), vec![us(0), us(100), us(200)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_wait_mode_no_instant_admits_more_than_burst_and_a_wait_overshoots_by_under_1_ms() {
+    // T = 1.5 ms, burst 2, waits up to 1.5 ms: emission times 0, 0, 1.5 ms; the waiter due
+    // at 1.5 ms runs alone at the 2 ms tick, 0.5 ms after its emission time and its
+    // maximum wait.
+    let rec = TestRecorder::default();
+    let layer = rec.install_while(|| {
+        RateLimitLayer::builder()
+            .rate(2, Duration::from_millis(3))
+            .burst(2)
+            .max_wait(Duration::from_micros(1_500))
+            .record_durations(true)
+            .build()
+            .unwrap()
+    });
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = layer.layer(inner);
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        tasks.push(tokio::spawn(call(&mut svc, i).await));
+    }
+    // The fourth would wait 3 ms > 1.5 ms.
+    let err = call(&mut svc, 3).await.await.unwrap_err();
+    assert_eq!(rejection(&err).1, Some(Duration::from_millis(3)));
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let ms = Duration::from_millis;
+    assert_eq!(*times.lock().unwrap(), vec![ms(0), ms(0), ms(2)]);
+    assert_eq!(
+        rec.histogram(WAIT, &[("name", "default")]).unwrap(),
+        vec![0.0, 0.0, 0.002]
+    );
+}
