@@ -876,6 +876,8 @@ proptest! {
         max_wait_ms in prop_oneof![Just(0u64), 1u64..=250],
         arrivals in prop::collection::vec(arrival(), 1..60),
     ) {
+        // Wait mode needs T >= 1 ms (a ConfigError otherwise, tested elsewhere).
+        prop_assume!(max_wait_ms == 0 || period_ms >= count);
         let (t, adm) = admissions(count, period_ms, burst, max_wait_ms, &arrivals);
         prop_assert_eq!(t, (period_ms * MS).div_ceil(count));
         for i in 0..adm.len() {
@@ -885,4 +887,258 @@ proptest! {
             }
         }
     }
+}
+
+// ---- regressions ------------------------------------------------------------------------
+
+/// The limiter's representable span: `u64::MAX` ns less its 100-year horizon.
+const HORIZON_NS: u64 = 100 * 365 * 86_400 * 1_000_000_000;
+const ROOM_NS: u64 = u64::MAX - HORIZON_NS;
+
+#[test]
+fn configurations_whose_tat_could_overflow_are_config_errors() {
+    let field = |r: Result<RateLimitLayer, tower_breakwater::ConfigError>| r.unwrap_err().field();
+    let ns = Duration::from_nanos;
+    // The configuration whose TAT used to saturate: T alone leaves no room for a second slot.
+    assert_eq!(
+        field(
+            RateLimitLayer::builder()
+                .rate(1, ns(u64::MAX - 1))
+                .burst(1)
+                .max_wait(ns(u64::MAX))
+                .build()
+        ),
+        "rate"
+    );
+    assert_eq!(field(RateLimitLayer::new(1, ns(ROOM_NS + 1))), "rate");
+    let half = ROOM_NS / 2;
+    let b = || RateLimitLayer::builder().rate(1, ns(half));
+    // T + tau = 3 x half > room.
+    assert_eq!(field(b().burst(3).build()), "burst");
+    // T + tau + max_wait = room + 1.
+    assert_eq!(
+        field(b().burst(2).max_wait(ns(ROOM_NS - 2 * half + 1)).build()),
+        "max_wait"
+    );
+    // Exactly at the limit: accepted.
+    let h = b()
+        .burst(2)
+        .max_wait(ns(ROOM_NS - 2 * half))
+        .build()
+        .unwrap()
+        .handle();
+    assert_eq!((h.burst(), h.emission_interval()), (2, ns(half)));
+}
+
+/// T = half the room, max_wait = the rest: the largest configuration accepted.
+fn widest_layer() -> RateLimitLayer {
+    let half = ROOM_NS / 2;
+    RateLimitLayer::builder()
+        .rate(1, Duration::from_nanos(half))
+        .burst(1)
+        .max_wait(Duration::from_nanos(ROOM_NS - half))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_given_back_slot_restores_the_exact_tat_even_at_the_widest_configuration() {
+    let half = ROOM_NS / 2;
+    let layer = widest_layer();
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = layer.layer(inner);
+    call(&mut svc, 0).await.await.unwrap();
+    let mut waiter = Box::pin(call(&mut svc, 1).await); // emission T, TAT 2T
+    assert!(poll_once(&mut waiter).is_pending());
+    drop(waiter);
+    assert_eq!(layer.handle().snapshot().counter("given_back"), Some(1));
+    advance(Duration::from_millis(1)).await;
+    // Back to TAT = T exactly: the third call waits for T (T - 1 ms from now) ...
+    let mut third = Box::pin(call(&mut svc, 2).await);
+    assert!(poll_once(&mut third).is_pending());
+    // ... and the fourth would wait 2T - 1 ms > max_wait: rejected, with that exact wait.
+    let err = call(&mut svc, 3).await.await.unwrap_err();
+    assert_eq!(
+        rejection(&err),
+        (
+            ErrorKind::RateLimited,
+            Some(Duration::from_nanos(2 * half - 1_000_000))
+        )
+    );
+    drop(third);
+    assert_eq!(times.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_horizon_a_tat_that_would_overflow_rejects_instead_of_saturating() {
+    let half = ROOM_NS / 2;
+    let layer = widest_layer();
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = layer.layer(inner);
+    // 100 years and an hour later, t + 2T no longer fits in u64 nanoseconds.
+    advance(Duration::from_nanos(HORIZON_NS) + Duration::from_secs(3_600)).await;
+    call(&mut svc, 0).await.await.unwrap(); // TAT = t + T
+    // The second call's slot is T away (within max_wait) but its TAT would overflow: it is
+    // rejected, not given a saturated TAT.
+    let mut second = Box::pin(call(&mut svc, 1).await);
+    match poll_once(&mut second) {
+        Poll::Ready(Err(e)) => assert_eq!(
+            rejection(&e),
+            (ErrorKind::RateLimited, Some(Duration::from_nanos(half)))
+        ),
+        other => panic!("expected a rejection, got {:?}", other.map(|r| r.ok())),
+    }
+    drop(second);
+    // Nothing was given back below the first call's TAT: 1 ms later the slot is T - 1 ms
+    // away, and the call is not admitted.
+    advance(Duration::from_millis(1)).await;
+    let err = call(&mut svc, 2).await.await.unwrap_err();
+    assert_eq!(
+        rejection(&err),
+        (
+            ErrorKind::RateLimited,
+            Some(Duration::from_nanos(half - 1_000_000))
+        )
+    );
+    assert_eq!(times.lock().unwrap().len(), 1);
+    let snap = layer.handle().snapshot();
+    assert_eq!(
+        (snap.counter("rejected"), snap.counter("abandoned")),
+        (Some(2), Some(0))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_key_finding_the_map_full_sweeps_recovered_keys_at_most_once_per_eighth_interval() {
+    let rec = TestRecorder::default();
+    // T = 100 ms, burst 1, 2 keys at most; scheduled sweeps every second (the first at 1 s),
+    // sweeps for a full map at most every 125 ms.
+    let layer = rec.install_while(|| {
+        RateLimitLayer::builder()
+            .rate(1, Duration::from_millis(100))
+            .burst(1)
+            .keyed(|x: &u32| *x)
+            .max_keys(2)
+            .build()
+            .unwrap()
+    });
+    let gauge = || rec.gauge(KEYS, &[("name", "default")]);
+    let (times, inner) = recorder(Instant::now());
+    let mut svc = layer.layer(inner);
+    assert_eq!(outcomes(&mut svc, &[1, 2]).await, vec![OK, OK]);
+    // At 0 ms the map is full and nothing has recovered: the sweep frees nothing.
+    assert_eq!(outcomes(&mut svc, &[9]).await, vec![FULL]);
+    advance(Duration::from_millis(500)).await;
+    // Keys 1 and 2 recovered at 100 ms: key 3 finds the map full, sweeps, and gets a place.
+    assert_eq!(outcomes(&mut svc, &[3, 4, 5]).await, vec![OK, OK, FULL]);
+    assert_eq!(gauge(), Some(2.0));
+    // Keys 3 and 4 recover at 600 ms, but the last full-map sweep (500 ms) was less than
+    // 125 ms ago: a flood of new keys is rejected without sweeping ...
+    advance(Duration::from_millis(124)).await;
+    assert_eq!(outcomes(&mut svc, &[5, 6, 7]).await, vec![FULL, FULL, FULL]);
+    assert_eq!(gauge(), Some(2.0), "no sweep ran");
+    // ... until 625 ms, when one sweeps and takes a freed place.
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(outcomes(&mut svc, &[5, 6, 7]).await, vec![OK, OK, FULL]);
+    assert_eq!(gauge(), Some(2.0));
+    assert_eq!(times.lock().unwrap().len(), 6);
+    assert_eq!(layer.handle().snapshot().counter("too_many_keys"), Some(6));
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_needs_an_emission_interval_of_at_least_one_millisecond() {
+    // 10,000 per second (T = 100 us), burst 1, waits up to 10 ms: the timer would release
+    // the waiters due within each millisecond together (ten at once). Refused.
+    let e = RateLimitLayer::builder()
+        .rate(10_000, Duration::from_secs(1))
+        .burst(1)
+        .max_wait(Duration::from_millis(10))
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "max_wait");
+    assert!(e.to_string().contains("reject mode"), "{e}");
+    let b = |count, period| {
+        RateLimitLayer::builder()
+            .rate(count, period)
+            .burst(1)
+            .max_wait(Duration::from_millis(10))
+            .build()
+    };
+    assert_eq!(
+        b(1, Duration::from_nanos(999_999)).unwrap_err().field(),
+        "max_wait"
+    );
+    // T = ceil(1e9 / 1_000_001) ns < 1 ms: refused; T = 1 ms exactly: accepted.
+    assert!(b(1_000_001, Duration::from_secs(1)).is_err());
+    let exact = b(1_000, Duration::from_secs(1)).unwrap();
+    // Reject mode needs no timer: any T is accepted, and honoured to the nanosecond.
+    let strict = RateLimitLayer::builder()
+        .rate(10_000, Duration::from_secs(1))
+        .burst(1)
+        .build()
+        .unwrap();
+
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = exact.layer(inner.clone());
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        tasks.push(tokio::spawn(call(&mut svc, i).await));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // T = 1 ms, burst 1: one call per millisecond, never two at once.
+    let ms = Duration::from_millis;
+    assert_eq!(*times.lock().unwrap(), (0..10).map(ms).collect::<Vec<_>>());
+
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = strict.layer(inner);
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out.extend(outcomes(&mut svc, &[0, 0]).await);
+        advance(Duration::from_micros(100)).await;
+    }
+    assert_eq!(out, vec![OK, LIMITED, OK, LIMITED, OK, LIMITED]);
+    let us = Duration::from_micros;
+    assert_eq!(*times.lock().unwrap(), vec![us(0), us(100), us(200)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_wait_mode_no_instant_admits_more_than_burst_and_a_wait_overshoots_by_under_1_ms() {
+    // T = 1.5 ms, burst 2, waits up to 1.5 ms: emission times 0, 0, 1.5 ms; the waiter due
+    // at 1.5 ms runs alone at the 2 ms tick, 0.5 ms after its emission time and its
+    // maximum wait.
+    let rec = TestRecorder::default();
+    let layer = rec.install_while(|| {
+        RateLimitLayer::builder()
+            .rate(2, Duration::from_millis(3))
+            .burst(2)
+            .max_wait(Duration::from_micros(1_500))
+            .record_durations(true)
+            .build()
+            .unwrap()
+    });
+    let start = Instant::now();
+    let (times, inner) = recorder(start);
+    let mut svc = layer.layer(inner);
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        tasks.push(tokio::spawn(call(&mut svc, i).await));
+    }
+    // The fourth would wait 3 ms > 1.5 ms.
+    let err = call(&mut svc, 3).await.await.unwrap_err();
+    assert_eq!(rejection(&err).1, Some(Duration::from_millis(3)));
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let ms = Duration::from_millis;
+    assert_eq!(*times.lock().unwrap(), vec![ms(0), ms(0), ms(2)]);
+    assert_eq!(
+        rec.histogram(WAIT, &[("name", "default")]).unwrap(),
+        vec![0.0, 0.0, 0.002]
+    );
 }

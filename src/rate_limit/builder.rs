@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use ::metrics::{Counter, Gauge};
 
-use super::gcra::{Cell, Gcra};
+use super::gcra::{Cell, Gcra, HORIZON};
 use super::keyed::{Keys, Sweep};
 use super::layer::{Core, KeyedRateLimitLayer, Metrics, RateLimitHandle, RateLimitLayer, Stats};
 use crate::clock;
 use crate::config::{Common, ConfigError, common_builder_methods};
 use crate::error::LayerKind;
 use crate::metrics::names;
+
+/// The shortest emission interval `T` allowed in wait mode: 1 ms, tokio's timer resolution
+/// (see the [module docs](crate::rate_limit#reject-mode-and-wait-mode)).
+const MIN_WAIT_INTERVAL: u64 = 1_000_000;
 
 /// Default [`sweep_interval`](RateLimitBuilder::sweep_interval) of a keyed limiter: 1 s.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -71,9 +75,11 @@ impl Default for RateLimitBuilder {
 impl<P> RateLimitBuilder<P> {
     common_builder_methods!();
 
-    /// The sustained rate: `count` calls per `period` (count >= 1, period > 0 and at most
+    /// The sustained rate: `count` calls per `period` (count >= 1, period > 0 and under
     /// `u64::MAX` nanoseconds). The emission interval `T` is `period / count` rounded **up**
-    /// to whole nanoseconds, so the enforced rate never exceeds the one asked for.
+    /// to whole nanoseconds, so the enforced rate never exceeds the one asked for. `T` must
+    /// be at most `u64::MAX` ns less 100 years (about 484 years; see the
+    /// [module docs](crate::rate_limit#the-algorithm)), and at least 1 ms in wait mode.
     pub fn rate(mut self, count: u64, period: Duration) -> Self {
         self.rate = Some((count, period));
         self
@@ -81,7 +87,8 @@ impl<P> RateLimitBuilder<P> {
 
     /// The burst size: calls admitted back to back when the limiter is fully recovered
     /// (>= 1; default: the rate's `count`, as in "100 per second" allowing 100 at once). The
-    /// burst tolerance is `tau = T * (burst - 1)`.
+    /// burst tolerance is `tau = T * (burst - 1)`; `T + tau` must be at most `u64::MAX` ns
+    /// less 100 years.
     pub fn burst(mut self, burst: u64) -> Self {
         self.burst = Some(burst);
         self
@@ -91,7 +98,12 @@ impl<P> RateLimitBuilder<P> {
     /// call that does not conform at once is rejected with
     /// [`ErrorKind::RateLimited`](crate::error::ErrorKind::RateLimited). Above zero is *wait mode*: a call whose wait would
     /// exceed `max_wait` is rejected at once; any other reserves its slot in `call` and its
-    /// response future sleeps until its emission time (at most `u64::MAX` ns).
+    /// response future sleeps until its emission time, admitted at the first millisecond
+    /// timer tick at or after it (so up to 1 ms after `max_wait`). `T + tau + max_wait` must
+    /// be at most `u64::MAX` ns less 100 years. Wait mode needs an emission interval `T` of
+    /// at least 1 ms (at most 1,000 calls per second): with a shorter one, the millisecond
+    /// timer would release more than `burst` waiters at once (see the
+    /// [module docs](crate::rate_limit#reject-mode-and-wait-mode)).
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = max_wait;
         self
@@ -113,21 +125,48 @@ impl<P> RateLimitBuilder<P> {
             ));
         }
         let interval = period_ns.div_ceil(count);
+        // Every TAT of the first HORIZON (100 years) after build() must fit in u64 ns.
+        let room = u64::MAX - HORIZON;
+        if interval > room {
+            return Err(v.error(
+                "rate",
+                (count, period),
+                "an emission interval period / count of at most u64::MAX ns less 100 years \
+                 (about 484 years)",
+            ));
+        }
         let burst = v.at_least_one("burst", self.burst.unwrap_or(count))?;
-        let tau = interval.checked_mul(burst - 1).ok_or_else(|| {
-            v.error(
-                "burst",
-                burst,
-                "a burst whose tolerance (burst - 1) x period / rate fits in u64 nanoseconds",
-            )
-        })?;
-        let max_wait = u64::try_from(self.max_wait.as_nanos()).map_err(|_| {
-            v.error(
+        let tau = interval
+            .checked_mul(burst - 1)
+            .filter(|tau| *tau <= room - interval)
+            .ok_or_else(|| {
+                v.error(
+                    "burst",
+                    burst,
+                    "a burst whose tolerance (burst - 1) x T plus T is at most u64::MAX ns \
+                     less 100 years (about 484 years)",
+                )
+            })?;
+        let max_wait = u64::try_from(self.max_wait.as_nanos())
+            .ok()
+            .filter(|w| *w <= room - interval - tau)
+            .ok_or_else(|| {
+                v.error(
+                    "max_wait",
+                    self.max_wait,
+                    "a duration such that max_wait + (burst - 1) x T + T is at most u64::MAX ns \
+                     less 100 years (about 484 years)",
+                )
+            })?;
+        if max_wait > 0 && interval < MIN_WAIT_INTERVAL {
+            return Err(v.error(
                 "max_wait",
                 self.max_wait,
-                "a duration of at most u64::MAX nanoseconds",
-            )
-        })?;
+                "zero (reject mode) when the emission interval period / count is under 1 ms: \
+                 timers tick in milliseconds, so waiters due within one millisecond would be \
+                 released together, more than `burst` at once",
+            ));
+        }
         let reg = self.common.registrar();
         let calls = |o| reg.counter(&names::RATE_LIMITER_CALLS, &[("outcome", o)]);
         let metrics = Metrics {
@@ -170,6 +209,11 @@ impl RateLimitBuilder<Direct> {
     /// gets its own GCRA state with this builder's rate, burst and maximum wait. Called once
     /// per call, in `call`; it should be cheap (a key that allocates, such as a `String`
     /// built from the request, makes every call allocate).
+    ///
+    /// # Panics
+    ///
+    /// Never here. A panic of `extractor` unwinds out of the service's `call`, before the
+    /// limiter is touched (no key added, no slot taken).
     pub fn keyed<Req, K, F>(self, extractor: F) -> RateLimitBuilder<Keyed<K, F>>
     where
         F: Fn(&Req) -> K + Clone,
@@ -196,8 +240,10 @@ impl RateLimitBuilder<Direct> {
     /// # Errors
     ///
     /// A [`ConfigError`] naming the field when `rate` is unset, has a zero count or a period
-    /// of zero or over `u64::MAX` ns; when `burst` is zero or its tolerance overflows `u64`
-    /// nanoseconds; when `max_wait` exceeds `u64::MAX` ns; or when the name is empty.
+    /// of zero or of `u64::MAX` ns or more, or an emission interval `T` over `u64::MAX` ns
+    /// less 100 years; when `burst` is zero or `T + tau` exceeds that; when `T + tau +
+    /// max_wait` exceeds that (`max_wait`); when `max_wait` is above zero and `T` under 1 ms
+    /// (`max_wait`: wait mode needs `T >= 1 ms`); or when the name is empty.
     pub fn build(self) -> Result<RateLimitLayer, ConfigError> {
         let core = self.build_core(false)?;
         let weak = Arc::downgrade(&core);
@@ -215,7 +261,8 @@ where
     /// The most keys tracked at once (>= 1; default unbounded). A call with a new key while
     /// the limiter tracks this many is rejected with [`ErrorKind::TooManyKeys`](crate::error::ErrorKind::TooManyKeys); a tracked
     /// key is never evicted to make room (that would let one caller reset another's limit).
-    /// Keys that recovered free their place at the next sweep.
+    /// Keys that recovered do not hold places: a new key that finds the map full sweeps
+    /// them (at most once per `sweep_interval / 8`) and tries once more.
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.partition.max_keys = Some(max_keys);
         self

@@ -26,15 +26,15 @@ pub(super) enum WaiterCell {
 pub(super) struct Waiter {
     core: Arc<Core>,
     cell: WaiterCell,
-    /// The TAT this reservation set.
-    tat: u64,
+    /// The TAT this reservation set, and the one it replaced.
+    tat: (u64, u64),
     /// When `call` was made, in ns since the base instant.
     called_at: u64,
     admitted: bool,
 }
 
 impl Waiter {
-    pub(super) fn new(core: Arc<Core>, cell: WaiterCell, tat: u64, called_at: u64) -> Self {
+    pub(super) fn new(core: Arc<Core>, cell: WaiterCell, tat: (u64, u64), called_at: u64) -> Self {
         core.stats.waiting.fetch_add(1, Ordering::Relaxed);
         Waiter {
             core,
@@ -63,7 +63,7 @@ impl Drop for Waiter {
             WaiterCell::Direct => &core.direct,
             WaiterCell::Keyed(cell) => cell,
         };
-        if cell.give_back(&core.gcra, self.tat) {
+        if cell.give_back(self.tat.0, self.tat.1) {
             core.stats.given_back.fetch_add(1, Ordering::Relaxed);
         }
     }

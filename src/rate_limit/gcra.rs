@@ -18,15 +18,23 @@ pub(super) struct Gcra {
     pub(super) max_wait: u64,
 }
 
+/// How long (ns since the base instant) every TAT of a limiter is guaranteed to fit in a
+/// `u64`: 100 years of 365 days. `build()` requires `T + tau + max_wait <= u64::MAX -
+/// HORIZON`; a TAT never exceeds `t + tau + max_wait + T` for the `t` of the reservation that
+/// set it, so for `t <= HORIZON` no reservation can overflow.
+pub(super) const HORIZON: u64 = 100 * 365 * 86_400 * 1_000_000_000;
+
 /// The result of one reservation attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Reserve {
     /// Conforming at `t`: the slot is taken.
     Now,
-    /// Conforming at `emission` > `t`, within the maximum wait: the slot is taken and the TAT
-    /// this reservation set is `tat` (needed to give the slot back).
-    Wait { emission: u64, tat: u64 },
-    /// Not conforming within the maximum wait; nothing changed. `wait` is the time from `t`
+    /// Conforming at `emission` > `t`, within the maximum wait: the slot is taken; the TAT
+    /// this reservation set is `tat` and the one it replaced is `prev` (needed to give the
+    /// slot back).
+    Wait { emission: u64, tat: u64, prev: u64 },
+    /// Not conforming within the maximum wait (or, past the [`HORIZON`], conforming but with
+    /// a new TAT that does not fit in a `u64`); nothing changed. `wait` is the time from `t`
     /// until a call would conform.
     Reject { wait: u64 },
 }
@@ -49,6 +57,10 @@ impl Cell {
     /// The emission time of a call at `t` is `e = max(t, TAT - tau)`; it is accepted when
     /// `e - t <= max_wait`, and then `TAT = max(TAT, t) + T` (one CAS; retried if another
     /// caller changed TAT in between). A rejected call changes nothing.
+    ///
+    /// Nothing saturates: a new TAT that does not fit in a `u64` (possible only for
+    /// `t > HORIZON`, see [`HORIZON`]) rejects the call instead of clamping the TAT, which
+    /// would put every later waiter on the same instant and break give-backs.
     #[inline]
     pub(super) fn reserve(&self, g: &Gcra, t: u64) -> Reserve {
         let mut tat = self.tat.load(Ordering::Acquire);
@@ -58,24 +70,32 @@ impl Cell {
             if wait > g.max_wait {
                 return Reserve::Reject { wait };
             }
-            let new = tat.max(t).saturating_add(g.interval);
+            let Some(new) = tat.max(t).checked_add(g.interval) else {
+                return Reserve::Reject { wait };
+            };
             match self
                 .tat
                 .compare_exchange_weak(tat, new, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) if wait == 0 => return Reserve::Now,
-                Ok(_) => return Reserve::Wait { emission, tat: new },
+                Ok(prev) => {
+                    return Reserve::Wait {
+                        emission,
+                        tat: new,
+                        prev,
+                    };
+                }
                 Err(current) => tat = current,
             }
         }
     }
 
-    /// Gives back the slot of a reservation that set TAT to `tat`, if it is still the latest
-    /// one (TAT unchanged since): TAT moves back by `T`, to exactly its value before the
-    /// reservation. Returns whether it did.
-    pub(super) fn give_back(&self, g: &Gcra, tat: u64) -> bool {
+    /// Gives back the slot of a reservation that replaced TAT `prev` by `tat`, if it is still
+    /// the latest one (TAT unchanged since): TAT goes back to exactly `prev`, as if the
+    /// reservation had never been made. Returns whether it did.
+    pub(super) fn give_back(&self, tat: u64, prev: u64) -> bool {
         self.tat
-            .compare_exchange(tat, tat - g.interval, Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(tat, prev, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
     }
 }
@@ -141,7 +161,8 @@ mod tests {
             a,
             Reserve::Wait {
                 emission: 10,
-                tat: 40
+                tat: 40,
+                prev: 30
             }
         );
         let b = c.reserve(&g, 0);
@@ -149,16 +170,33 @@ mod tests {
             b,
             Reserve::Wait {
                 emission: 20,
-                tat: 50
+                tat: 50,
+                prev: 40
             }
         );
         assert_eq!(c.reserve(&g, 0), Reserve::Reject { wait: 30 });
         // `a` is not the latest: its slot stays taken.
-        assert!(!c.give_back(&g, 40));
+        assert!(!c.give_back(40, 30));
         // `b` then `a`, in reverse order: both come back.
-        assert!(c.give_back(&g, 50));
-        assert!(c.give_back(&g, 40));
+        assert!(c.give_back(50, 40));
+        assert!(c.give_back(40, 30));
         assert_eq!(c.tat(), 30);
+    }
+
+    #[test]
+    fn a_tat_that_would_not_fit_rejects_and_never_saturates() {
+        let g = Gcra {
+            interval: u64::MAX / 2,
+            tau: 0,
+            max_wait: u64::MAX / 2,
+        };
+        let c = Cell::default();
+        let t = 10;
+        assert_eq!(c.reserve(&g, t), Reserve::Now);
+        assert_eq!(c.tat(), t + u64::MAX / 2);
+        // The next slot is T away (within max_wait), but its TAT would pass u64::MAX.
+        assert_eq!(c.reserve(&g, t), Reserve::Reject { wait: u64::MAX / 2 });
+        assert_eq!(c.tat(), t + u64::MAX / 2, "a rejection changes nothing");
     }
 }
 
@@ -194,7 +232,8 @@ mod loom_checks {
                     Reserve::Now,
                     Reserve::Wait {
                         emission: 15,
-                        tat: 25
+                        tat: 25,
+                        prev: 15
                     }
                 ]
             );
@@ -215,11 +254,12 @@ mod loom_checks {
                 waiter,
                 Reserve::Wait {
                     emission: 10,
-                    tat: 20
+                    tat: 20,
+                    prev: 10
                 }
             );
             let c2 = cell.clone();
-            let h = thread::spawn(move || c2.give_back(&G, 20));
+            let h = thread::spawn(move || c2.give_back(20, 10));
             let newcomer = cell.reserve(&G, 0);
             let given = h.join().unwrap();
             if given {
@@ -227,7 +267,8 @@ mod loom_checks {
                     newcomer,
                     Reserve::Wait {
                         emission: 10,
-                        tat: 20
+                        tat: 20,
+                        prev: 10
                     }
                 );
             } else {
@@ -235,7 +276,8 @@ mod loom_checks {
                     newcomer,
                     Reserve::Wait {
                         emission: 20,
-                        tat: 30
+                        tat: 30,
+                        prev: 20
                     }
                 );
             }

@@ -15,6 +15,12 @@ use super::layer::{Core, Decision};
 /// Below this many keys, growth alone does not trigger a sweep.
 const MIN_GROWTH_SWEEP: usize = 1_024;
 
+/// A sweep run because the map is full runs at most once per `sweep_interval / 8`.
+const FULL_SWEEP_DIVISOR: u64 = 8;
+
+/// Below this capacity, a sweep does not shrink the map.
+const MIN_SHRINK_CAPACITY: usize = 4_096;
+
 /// The keys of one keyed limiter.
 pub(super) struct Keys<K, H> {
     map: DashMap<K, Arc<Cell>, H>,
@@ -29,6 +35,9 @@ pub(super) struct Keys<K, H> {
     /// The key count at which an insert triggers a sweep (twice the count the last sweep
     /// left, at least [`MIN_GROWTH_SWEEP`]).
     grow_at: AtomicUsize,
+    /// The earliest time (ns since base) at which a new key that finds the map full may run
+    /// a sweep (see [`FULL_SWEEP_DIVISOR`]).
+    next_full_sweep: AtomicU64,
 }
 
 /// Sweeping, object-safe so that the (non-generic) handle can do it.
@@ -54,12 +63,17 @@ where
             }
             keep
         });
-        let left = self.count.load(Ordering::Acquire);
+        let left = self.publish_count(core);
         self.grow_at.store(
             left.saturating_mul(2).max(MIN_GROWTH_SWEEP),
             Ordering::Relaxed,
         );
-        core.metrics.keys.set(left as f64);
+        // `retain` keeps the capacity of the peak: give it back when the keys left would fit
+        // in a quarter of it (regrowing costs amortized O(1) per insert, as any growth).
+        let capacity = self.map.capacity();
+        if capacity >= MIN_SHRINK_CAPACITY && left < capacity / 4 {
+            self.map.shrink_to_fit();
+        }
         left
     }
 }
@@ -77,6 +91,23 @@ where
             interval,
             next_sweep: AtomicU64::new(interval),
             grow_at: AtomicUsize::new(MIN_GROWTH_SWEEP),
+            next_full_sweep: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets the keys gauge to the key count, and again while the count changed meanwhile, so
+    /// that the gauge is never left at a value older than another thread's: every change of
+    /// the count is followed by this, and the last `set` is of a value the count had after
+    /// every change whose own `set` came earlier.
+    fn publish_count(&self, core: &Core) -> usize {
+        let mut count = self.count.load(Ordering::Acquire);
+        loop {
+            core.metrics.keys.set(count as f64);
+            let now = self.count.load(Ordering::Acquire);
+            if now == count {
+                return count;
+            }
+            count = now;
         }
     }
 
@@ -89,13 +120,15 @@ where
             let r = cell.reserve(&core.gcra, t);
             return Decision::from_reserve(r, || WaiterCell::Keyed(Arc::clone(&cell)));
         }
-        self.decide_new(core, key, t)
+        self.decide_new(core, key, t, true)
     }
 
     /// The first call of a key not tracked (or tracked by a concurrent caller meanwhile).
+    /// When the map is full and `may_sweep`, runs a sweep (see [`Self::full_sweep`]) and
+    /// tries once more.
     #[cold]
     #[inline(never)]
-    fn decide_new(&self, core: &Core, key: K, t: u64) -> Decision {
+    fn decide_new(&self, core: &Core, key: K, t: u64, may_sweep: bool) -> Decision {
         let decision = match self.map.entry(key) {
             Entry::Occupied(o) => {
                 let cell = o.get();
@@ -110,6 +143,11 @@ where
                     })
                     .is_ok();
                 if !admitted {
+                    // Release the shard lock (a sweep takes every shard's) before sweeping.
+                    let key = v.into_key();
+                    if may_sweep && self.full_sweep(core, t) {
+                        return self.decide_new(core, key, t, false);
+                    }
                     return Decision::TooManyKeys;
                 }
                 let cell = Arc::new(Cell::default());
@@ -121,12 +159,34 @@ where
             }
         };
         // The shard lock is released here.
-        let count = self.count.load(Ordering::Acquire);
-        core.metrics.keys.set(count as f64);
+        let count = self.publish_count(core);
         if count >= self.grow_at.load(Ordering::Relaxed) {
             self.sweep(core, t);
         }
         decision
+    }
+
+    /// A sweep for a new key that found the map full, so that keys that have recovered free
+    /// their places at once rather than at the next scheduled sweep. At most one per
+    /// `sweep_interval / 8` (one caller wins it; the others are rejected without waiting),
+    /// so that a flood of new keys cannot make every call sweep. Returns whether it ran.
+    #[cold]
+    #[inline(never)]
+    fn full_sweep(&self, core: &Core, t: u64) -> bool {
+        let due = self.next_full_sweep.load(Ordering::Relaxed);
+        if t < due {
+            return false;
+        }
+        let next = t.saturating_add((self.interval / FULL_SWEEP_DIVISOR).max(1));
+        if self
+            .next_full_sweep
+            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        self.sweep(core, t);
+        true
     }
 
     /// Runs the scheduled sweep if it is due at `t`; one caller wins it.
@@ -149,5 +209,37 @@ where
         {
             self.sweep(core, t);
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::time::Duration;
+
+    use tower::{Layer, Service, ServiceExt, service_fn};
+
+    use crate::rate_limit::RateLimitLayer;
+
+    /// Memory follows the keys: a sweep that leaves under a quarter of the map's capacity
+    /// shrinks it, instead of keeping the capacity of the peak key count forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_that_empties_most_of_the_map_shrinks_it() {
+        let layer = RateLimitLayer::builder()
+            .rate(1, Duration::from_millis(10))
+            .burst(1)
+            .keyed(|x: &u32| *x)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(service_fn(|x: u32| async move { Ok::<_, String>(x) }));
+        for k in 0..20_000 {
+            svc.ready().await.unwrap().call(k).await.unwrap();
+        }
+        let peak = layer.keys.map.capacity();
+        assert!(peak >= 20_000, "{peak}");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        svc.ready().await.unwrap().call(1_000_000).await.unwrap();
+        assert_eq!(layer.handle().tracked_keys(), 1);
+        let after = layer.keys.map.capacity();
+        assert!(after < super::MIN_SHRINK_CAPACITY, "{after} (peak {peak})");
     }
 }

@@ -47,6 +47,7 @@ pub(super) enum Decision {
     Wait {
         emission: u64,
         tat: u64,
+        prev: u64,
         cell: WaiterCell,
     },
     Reject {
@@ -60,9 +61,14 @@ impl Decision {
     pub(super) fn from_reserve(r: Reserve, cell: impl FnOnce() -> WaiterCell) -> Self {
         match r {
             Reserve::Now => Decision::Now,
-            Reserve::Wait { emission, tat } => Decision::Wait {
+            Reserve::Wait {
                 emission,
                 tat,
+                prev,
+            } => Decision::Wait {
+                emission,
+                tat,
+                prev,
                 cell: cell(),
             },
             Reserve::Reject { wait } => Decision::Reject { wait },
@@ -117,13 +123,14 @@ impl Core {
             Decision::Wait {
                 emission,
                 tat,
+                prev,
                 cell,
             } => {
                 let deadline = self
                     .base
                     .checked_add(Duration::from_nanos(emission))
                     .unwrap_or_else(far_future);
-                let waiter = Waiter::new(self.clone(), cell, tat, t);
+                let waiter = Waiter::new(self.clone(), cell, (tat, prev), t);
                 ResponseFuture::waiting(deadline, svc.clone(), req, waiter)
             }
             Decision::Reject { wait } => self.reject(

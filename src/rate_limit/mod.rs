@@ -63,6 +63,15 @@
 //! `build()`), updated with one compare-and-swap per admitted call: no lock, no allocation,
 //! one clock read per call (the time of the call is an input of the algorithm).
 //!
+//! **No arithmetic saturates.** A TAT never exceeds `t + T + tau + max_wait` for the `t` of
+//! the call that set it, so `build()` requires `T + tau + max_wait` to be at most `u64::MAX`
+//! nanoseconds less 100 years (about 484 years; a [`ConfigError`](crate::ConfigError)
+//! naming `rate`, `burst` or `max_wait` otherwise): for the first 100 years after `build()`
+//! every TAT fits. A limiter older than that rejects (as `RateLimited`, with the time until
+//! a call would conform) a call whose new TAT would not fit, rather than clamping the TAT:
+//! a clamped TAT would give every later waiter the same emission time and make a give-back
+//! restore the wrong value.
+//!
 //! # Reject mode and wait mode
 //!
 //! - **Reject mode** ([`max_wait`](RateLimitBuilder::max_wait) zero, the default): a call that
@@ -77,7 +86,26 @@
 //!   Any other call reserves its slot in `call` (TAT advances then, so callers are served in
 //!   the order of their calls), and its response future sleeps until the emission time.
 //!   tokio's timers have millisecond resolution: a waiter is admitted at the first
-//!   millisecond tick at or after its emission time, never before it.
+//!   millisecond tick at or after its emission time, never before it, and so up to (not
+//!   including) 1 ms after it: **a wait may exceed `max_wait` by up to 1 ms** (the wait
+//!   histogram records the wait as it happened).
+//! - **Wait mode needs `T >= 1 ms`** (at most 1,000 calls per second per limiter or key);
+//!   `build()` returns a [`ConfigError`](crate::ConfigError) naming `max_wait` otherwise.
+//!   The reason: waiters whose emission times fall within the same millisecond are released
+//!   together at its tick, so with `T < 1 ms` up to `burst + ceil(1 ms / T) - 1` calls would
+//!   reach the inner service at one instant (ten at once at 10,000 per second with a burst
+//!   of 1), silently breaking the configured burst. The alternatives were worse: spacing
+//!   waiters on whole ticks would cut the configured rate (to one call per tick at burst 1),
+//!   and documenting a larger effective burst would make `burst` mean something else in one
+//!   mode. Reject mode needs no timer and honours any `T` to the nanosecond; above 1,000
+//!   calls per second, use it (or limit per key).
+//! - **Bounds in wait mode** (`T >= 1 ms`, timer firing on its tick): at most `burst` calls
+//!   are admitted at any one instant, since they all had emission times within the last
+//!   millisecond; in any interval of length `L`, at most `burst + floor((L + 1 ms - 1 ns) /
+//!   T)`, which is at most one more than GCRA's `burst + floor(L / T)` (two waiters due
+//!   `T = 1.5 ms` apart may run on ticks 1 ms apart), and exactly it when `T` is a whole
+//!   number of milliseconds. A runtime too busy to fire its timers on time releases together
+//!   every waiter that came due meanwhile, as with any timer-based limiter.
 //! - **Cost.** A call admitted at once reads the clock once, does one CAS and allocates
 //!   nothing. A call that waits allocates once (its timer, boxed so that the response future
 //!   of every other call stays small); it sleeps at least until the next millisecond tick
@@ -95,8 +123,9 @@
 //!
 //! When a later call has reserved since, the slot stays consumed (the CAS fails): the later
 //! caller already holds its emission time, and moving the TAT back would let a new caller be
-//! scheduled at the same instant as it, over the burst. The cost is one unused slot, at most
-//! `T` of capacity. A future dropped after admission, or a call admitted at once, has used
+//! scheduled at the same instant as it, over the burst. The cost is **per waiter**: each
+//! dropped waiter that is not the latest reservation when dropped leaves one unused slot,
+//! `T` of capacity (three such waiters cost `3T`). A future dropped after admission, or a call admitted at once, has used
 //! its slot. The handle's snapshot counts `abandoned` waiters and those that `given_back`.
 //!
 //! # Keyed limiter
@@ -118,17 +147,30 @@
 //!   amortized over the calls in between. Reading the key count
 //!   ([`RateLimitHandle::tracked_keys`], the snapshot) also sweeps first. The
 //!   `breakwater_rate_limiter_keys` gauge is set whenever a call adds a key and after every
-//!   sweep.
+//!   sweep, and set again while the key count changed meanwhile, so that concurrent updates
+//!   never leave it at an older count than the last one set.
+//! - **Memory follows the keys.** A sweep that leaves fewer keys than a quarter of the map's
+//!   capacity (and the capacity is at least 4,096) shrinks the map, so memory returns from
+//!   the peak distinct-key count to about the keys tracked; growing again costs amortized
+//!   O(1) per insert, as any growth.
 //! - **Maximum keys** ([`max_keys`](RateLimitBuilder::max_keys), optional): a call with a new
 //!   key while the limiter tracks that many keys is rejected with
 //!   [`ErrorKind::TooManyKeys`](crate::error::ErrorKind::TooManyKeys) (its own reason, its
 //!   own metric outcome). A tracked key is never evicted to make room: that would let one
-//!   caller reset another's limit. Recovered keys free their place at the next sweep.
+//!   caller reset another's limit. Keys that have recovered do not hold places: a new key
+//!   that finds the map full runs a sweep and tries once more. So that a flood of new keys
+//!   at a full map cannot make every call sweep (`O(keys)` each), such sweeps run at most
+//!   once per `sweep_interval / 8` (125 ms by default; one caller runs it, the others are
+//!   rejected without waiting); a key that recovers just after one frees its place at the
+//!   next, at most `sweep_interval / 8` later.
 //! - **Cost.** A call with a tracked key: hashing the key, a shard read lock, one CAS, no
 //!   allocation. A new key: a shard write lock and one allocation (its state). Keys are
 //!   hashed with the standard library's randomly seeded SipHash, which resists hash flooding
 //!   by clients that choose their own keys; [`hasher`](RateLimitBuilder::hasher) replaces it
 //!   where keys are trusted.
+//! - **Panics.** The key extractor runs in `call`, before anything is reserved: if it
+//!   panics, the panic unwinds out of `call` to the caller, and the limiter is unchanged (no
+//!   key added, no slot taken, no lock held).
 //!
 //! # Admission, `poll_ready` and `Clone`
 //!
@@ -167,7 +209,8 @@
 //! The direct limiter's state is one word changed only by compare-and-swap: each admission
 //! is a CAS from the TAT it read to a pure function of that TAT and its own `t`, so
 //! admissions are linearizable, and a CAS that lost is retried on the fresh value. A
-//! give-back is a CAS from exactly the TAT its reservation set to that value minus `T`.
+//! give-back is a CAS from exactly the TAT its reservation set back to exactly the TAT that
+//! reservation replaced.
 //! Reservations only increase the TAT, and give-backs only undo the latest reservation, so
 //! the reservations still in effect form a stack; the TAT equals a waiter's value again only
 //! if every reservation made after it has been undone (no ABA: a value once passed is reached

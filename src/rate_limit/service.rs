@@ -81,6 +81,11 @@ where
 ///
 /// `poll_ready` is always ready and reserves nothing; each admitted call drives a clone of
 /// the inner service (see the [module docs](super#admission-poll_ready-and-clone)).
+///
+/// # Panics
+///
+/// `call` panics when the key extractor panics: it runs first, so the panic unwinds out of
+/// `call` with the limiter unchanged (no key added, no slot taken, no lock held).
 pub struct KeyedRateLimit<S, K, F, H = RandomState> {
     inner: S,
     core: Arc<Core>,
