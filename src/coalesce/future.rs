@@ -66,7 +66,7 @@ impl<S, Req, K> Future for ResponseFuture<S, Req, K>
 where
     S: Service<Req> + Send + 'static,
     S::Future: Send + 'static,
-    S::Response: Clone + Send + 'static,
+    S::Response: Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     Req: Send + 'static,
     K: Hash + Eq + Send + 'static,

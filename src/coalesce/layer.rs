@@ -97,7 +97,7 @@ impl LayerState {
     fn table<K, R>(&self) -> Arc<Slots<K, R>>
     where
         K: Hash + Eq + Send + 'static,
-        R: Clone + Send + 'static,
+        R: Clone + Send + Sync + 'static,
     {
         let mut tables = self.tables.lock();
         for t in tables.iter() {
@@ -284,7 +284,7 @@ impl<Req, K, F> CoalesceLayer<Req, K, F> {
 impl<S, Req, K, F> Layer<S> for CoalesceLayer<Req, K, F>
 where
     S: Service<Req>,
-    S::Response: Clone + Send + 'static,
+    S::Response: Clone + Send + Sync + 'static,
     K: Hash + Eq + Send + 'static,
     F: Clone,
 {

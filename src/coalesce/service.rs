@@ -67,7 +67,7 @@ where
     S: Service<Req, Response = R> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    R: Clone + Send + 'static,
+    R: Clone + Send + Sync + 'static,
     Req: Send + 'static,
     K: Hash + Eq + Send + 'static,
     F: Fn(&Req) -> K,
