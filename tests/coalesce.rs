@@ -556,6 +556,219 @@ fn accessors_reach_the_inner_service() {
     assert_eq!(layer.handle().name(), "default");
 }
 
+// ---- user code that misbehaves: clones and destructors --------------------------------
+
+/// Polls `fut` once, asserting it is pending (the caller joins its call).
+async fn join_now<F: Future + Unpin>(fut: &mut F) {
+    std::future::poll_fn(|cx| {
+        assert!(Pin::new(&mut *fut).poll(cx).is_pending());
+        Poll::Ready(())
+    })
+    .await;
+}
+
+/// A response whose `Clone` calls back into the coalescing layer: it drops another caller's
+/// response future of the same call (which takes that call's locks) and reads the handle.
+struct Reentrant {
+    value: u32,
+    victims: Arc<Mutex<Vec<Box<dyn Send>>>>,
+    handle: tower_breakwater::coalesce::CoalesceHandle,
+    clones: Count,
+}
+
+impl Clone for Reentrant {
+    fn clone(&self) -> Self {
+        self.clones.incr();
+        let victim = self.victims.lock().unwrap().pop();
+        drop(victim);
+        assert_eq!(self.handle.in_flight_keys(), 0, "the call left the table");
+        Reentrant {
+            value: self.value,
+            victims: self.victims.clone(),
+            handle: self.handle.clone(),
+            clones: self.clones.clone(),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_clone_may_call_back_into_the_layer() {
+    let layer = by_key();
+    let handle = layer.handle();
+    let victims: Arc<Mutex<Vec<Box<dyn Send>>>> = Arc::default();
+    let (calls, clones) = (Count::default(), Count::default());
+    let (c, v, h, n) = (
+        calls.clone(),
+        victims.clone(),
+        handle.clone(),
+        clones.clone(),
+    );
+    let inner = service_fn(move |k: u32| {
+        c.incr();
+        let r = Reentrant {
+            value: k,
+            victims: v.clone(),
+            handle: h.clone(),
+            clones: n.clone(),
+        };
+        async move {
+            sleep(Duration::from_millis(10)).await;
+            Ok::<_, io::Error>(r)
+        }
+    });
+    let mut svc = layer.layer(inner);
+    let driver = tokio::spawn(svc.ready().await.unwrap().call(2));
+    settle().await;
+    // A follower that waits, then is dropped by the driver's clone of the response.
+    let mut victim = svc.ready().await.unwrap().call(2);
+    join_now(&mut victim).await;
+    victims.lock().unwrap().push(Box::new(victim));
+    let follower = tokio::spawn(svc.ready().await.unwrap().call(2));
+    settle().await;
+    assert_eq!(handle.snapshot().counter("followers"), Some(2));
+    // The driver clones (the follower still holds the value) and that clone drops the
+    // victim: no lock of the call is held while user code runs, so nothing deadlocks.
+    assert_eq!(within(driver).await.unwrap().unwrap().value, 2);
+    assert!(
+        victims.lock().unwrap().is_empty(),
+        "the clone dropped the victim"
+    );
+    // The follower, now the last holder, takes the original without cloning.
+    assert_eq!(within(follower).await.unwrap().unwrap().value, 2);
+    assert_eq!((calls.get(), clones.get()), (1, 1));
+}
+
+/// A response whose `Clone` panics (a bug in user code).
+#[derive(Debug)]
+struct Fragile(u32);
+
+impl Clone for Fragile {
+    fn clone(&self) -> Self {
+        panic!("response clone bug")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_clone_panicking_in_the_driver_still_ends_the_call() {
+    let rec = TestRecorder::default();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let layer = rec.install_while(|| {
+        CoalesceLayer::builder()
+            .name("fragile")
+            .key(|k: &u32| *k)
+            .followers_histogram(true)
+            .on_event(move |e| log.lock().unwrap().push(e.kind()))
+            .build()
+            .unwrap()
+    });
+    let handle = layer.handle();
+    let calls = Count::default();
+    let c = calls.clone();
+    let inner = service_fn(move |k: u32| {
+        c.incr();
+        async move {
+            sleep(Duration::from_millis(10)).await;
+            Ok::<_, io::Error>(Fragile(k))
+        }
+    });
+    let mut svc = layer.layer(inner);
+    let driver = tokio::spawn(svc.ready().await.unwrap().call(3));
+    settle().await;
+    let follower = tokio::spawn(svc.ready().await.unwrap().call(3));
+    // The driver clones its own copy while the follower holds the value: that clone panics,
+    // on the driver's task.
+    assert!(within(driver).await.unwrap_err().is_panic());
+    // The follower was served first, and takes the original.
+    assert_eq!(within(follower).await.unwrap().unwrap().0, 3);
+    let name = [("name", "fragile")];
+    assert_eq!(rec.gauge(IN_FLIGHT, &name), Some(0.0));
+    assert_eq!(rec.histogram(FOLLOWERS, &name), Some(vec![1.0]));
+    assert_eq!(
+        *events.lock().unwrap(),
+        vec![EventKind::Coalesced { followers: 1 }]
+    );
+    assert_eq!(handle.in_flight_keys(), 0);
+    // The key is free: a caller alone gets the original, with no clone.
+    assert_eq!(svc.ready().await.unwrap().call(3).await.unwrap().0, 3);
+    assert_eq!(calls.get(), 2);
+    assert_eq!(rec.gauge(IN_FLIGHT, &name), Some(0.0));
+}
+
+/// Held by an inner future: panics when dropped before the future finished (a bug in the
+/// upstream client's destructor).
+struct PanicIfUnfinished(bool);
+
+impl Drop for PanicIfUnfinished {
+    fn drop(&mut self) {
+        if self.0 {
+            panic!("destructor bug in an unfinished upstream call")
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_inner_future_panicking_on_drop_still_ends_the_call() {
+    let rec = TestRecorder::default();
+    let layer = rec.install_while(|| {
+        CoalesceLayer::builder()
+            .name("abandoned")
+            .key(|k: &u32| *k)
+            .followers_histogram(true)
+            .build()
+            .unwrap()
+    });
+    let handle = layer.handle();
+    let calls = Count::default();
+    let c = calls.clone();
+    let inner = service_fn(move |k: u32| {
+        c.incr();
+        async move {
+            let mut unfinished = PanicIfUnfinished(true);
+            sleep(Duration::from_millis(1_000)).await;
+            unfinished.0 = false;
+            Ok::<_, io::Error>(k)
+        }
+    });
+    let mut svc = layer.layer(inner);
+    let name = [("name", "abandoned")];
+    let drop_panics =
+        |fut| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(fut))).is_err();
+
+    // The caller alone leaves: the future's destructor panics out of its drop.
+    let mut alone = svc.ready().await.unwrap().call(1);
+    join_now(&mut alone).await;
+    assert_eq!(rec.gauge(IN_FLIGHT, &name), Some(1.0));
+    assert!(drop_panics(alone));
+    assert_eq!(handle.in_flight_keys(), 0);
+    assert_eq!(rec.gauge(IN_FLIGHT, &name), Some(0.0));
+    assert_eq!(rec.histogram(FOLLOWERS, &name), Some(vec![0.0]));
+
+    // With a follower: the driver leaves first, then the follower, the last, drops the
+    // future and its destructor panics.
+    let mut driver = svc.ready().await.unwrap().call(1);
+    let mut follower = svc.ready().await.unwrap().call(1);
+    join_now(&mut driver).await;
+    join_now(&mut follower).await;
+    assert_eq!(rec.gauge(IN_FLIGHT, &name), Some(1.0));
+    drop(driver);
+    assert_eq!(
+        rec.gauge(IN_FLIGHT, &name),
+        Some(1.0),
+        "the follower still waits"
+    );
+    assert!(drop_panics(follower));
+    assert_eq!(handle.in_flight_keys(), 0);
+    assert_eq!(rec.gauge(IN_FLIGHT, &name), Some(0.0));
+    assert_eq!(rec.histogram(FOLLOWERS, &name), Some(vec![0.0, 1.0]));
+    assert_eq!(handle.snapshot().counter("abandoned"), Some(2));
+
+    // The key is free, and the next call finishes.
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+    assert_eq!(calls.get(), 3);
+    assert_eq!(rec.gauge(IN_FLIGHT, &name), Some(0.0));
+}
+
 // ---- real runtime, two threads (counts only) -------------------------------------------
 
 struct Running<'a>(&'a AtomicU64);

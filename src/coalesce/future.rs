@@ -16,8 +16,8 @@ use crate::error::BoxError;
 /// The response future of [`Coalesce`](super::Coalesce): one caller's share of a coalesced
 /// call.
 ///
-/// Resolves to a clone of the shared response (the last caller to take it gets the
-/// original), or to the shared error: a [`SharedError`](super::SharedError) around the inner error, or a
+/// Resolves to a clone of the shared response, made on this caller's task with no lock held
+/// (the caller that lets go of the call last gets the original), or to the shared error: a [`SharedError`](super::SharedError) around the inner error, or a
 /// [`BreakwaterError`](crate::error::BreakwaterError) of kind
 /// [`Panicked`](crate::error::ErrorKind::Panicked) when the shared call panicked while another
 /// caller was polling it.
@@ -29,9 +29,12 @@ use crate::error::BoxError;
 ///
 /// # Panics
 ///
-/// When polled after it returned `Ready`; and, when this caller was the one polling the
-/// shared call when it panicked, with that panic (resumed after every other caller was
-/// given its error).
+/// When polled after it returned `Ready`; when this caller was the one polling the shared
+/// call when it panicked, with that panic (resumed after every other caller was given its
+/// error); and with the panic of the response's `Clone` when its clone panics (after the
+/// other callers were served: the call is over for them). Dropping it may panic with the
+/// panic of the inner future's destructor, when it is the last caller of a call still
+/// running (the call is still removed and counted as abandoned).
 pub struct ResponseFuture<S, Req, K>
 where
     S: Service<Req>,
@@ -66,7 +69,7 @@ impl<S, Req, K> Future for ResponseFuture<S, Req, K>
 where
     S: Service<Req> + Send + 'static,
     S::Future: Send + 'static,
-    S::Response: Clone + Send + 'static,
+    S::Response: Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     Req: Send + 'static,
     K: Hash + Eq + Send + 'static,

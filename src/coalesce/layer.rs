@@ -97,7 +97,7 @@ impl LayerState {
     fn table<K, R>(&self) -> Arc<Slots<K, R>>
     where
         K: Hash + Eq + Send + 'static,
-        R: Clone + Send + 'static,
+        R: Clone + Send + Sync + 'static,
     {
         let mut tables = self.tables.lock();
         for t in tables.iter() {
@@ -167,6 +167,11 @@ impl<Req, K, F> CoalesceBuilder<Req, K, F> {
     /// applied to several routes coalesces across them when their keys are equal, so include
     /// what tells routes apart. Called once per call, in `call`, before anything else; keep
     /// it cheap (a `u64` or an `Arc<str>` key allocates nothing).
+    ///
+    /// # Panics
+    ///
+    /// A panic of `f` unwinds out of the service's `call`, before the request joined any
+    /// call (it is dropped; no state of the layer changed).
     pub fn key<Req2, K2, F2>(self, f: F2) -> CoalesceBuilder<Req2, K2, F2>
     where
         F2: Fn(&Req2) -> K2 + Clone,
@@ -284,7 +289,7 @@ impl<Req, K, F> CoalesceLayer<Req, K, F> {
 impl<S, Req, K, F> Layer<S> for CoalesceLayer<Req, K, F>
 where
     S: Service<Req>,
-    S::Response: Clone + Send + 'static,
+    S::Response: Clone + Send + Sync + 'static,
     K: Hash + Eq + Send + 'static,
     F: Clone,
 {

@@ -54,8 +54,12 @@
 //!   whichever caller started it; no caller ever gets an error because another went away.
 //!   When every caller has dropped its future, the shared future is dropped (cancelling the
 //!   upstream call) and the key is free. The call never runs twice concurrently for one key.
-//! - **Results.** The response is delivered to every caller: all but the last to take it get
-//!   a clone, hence the bound `Response: Clone` (for a large response, map it to an `Arc<_>`
+//! - **Results.** The response is delivered to every caller: each caller clones it on its
+//!   own task, holding no lock of the layer (so callers clone in parallel, and a `Clone`
+//!   implementation may call back into the layer), and the caller that lets go of the shared
+//!   call last takes the original without cloning (when callers take the response at the
+//!   same moment, more than one may clone, and the original is then dropped by the last).
+//!   Hence the bounds `Response: Clone + Sync` (for a large response, map it to an `Arc<_>`
 //!   first, e.g. with `tower::ServiceBuilder::map_response(Arc::new)`, so clones are cheap).
 //!   The response type is unchanged, so the layer stacks with others. Coalescing judges no
 //!   outcome (successes and errors are shared alike), so it takes no classifier.
@@ -68,7 +72,12 @@
 //!   [`Panicked`](crate::error::ErrorKind::Panicked); **the caller whose poll panicked gets the
 //!   panic itself**, resumed on its task after the others were served (exactly what it would
 //!   have got without coalescing, so panic-catching layers and `JoinHandle`s still see it).
-//!   Nobody hangs, and the key is free at once.
+//!   Nobody hangs, and the key is free at once. User code that panics elsewhere (a
+//!   response's `Clone`, the destructor of an abandoned upstream future, of a request or of
+//!   a key) unwinds on the task that ran it, and only there: the call still leaves the
+//!   table, its callers are still served, and its metrics (`in_flight_keys`, the followers
+//!   histogram) and events are still updated, exactly once. A panic in the
+//!   [key function](CoalesceBuilder::key) unwinds out of `call`, before anything joined.
 //! - **No busy loop.** Exactly one attached caller *drives* the shared future (polls it with
 //!   its own waker); the others register their waker once and are woken only when the result
 //!   is ready, or, one of them, when the driver leaves. A waiting caller is therefore polled
@@ -80,9 +89,12 @@
 //! # Bounds
 //!
 //! `S: Service<Req> + Clone + Send + 'static`, `S::Future: Send + 'static`,
-//! `S::Response: Clone + Send + 'static`, `S::Error: Into<BoxError>`, `Req: Send + 'static`,
-//! key `K: Hash + Eq + Send + 'static`. `Send` and `'static` because the shared call outlives
-//! the caller that started it and may be driven from any task.
+//! `S::Response: Clone + Send + Sync + 'static`, `S::Error: Into<BoxError>`,
+//! `Req: Send + 'static`, key `K: Hash + Eq + Send + 'static`. `Send` and `'static` because
+//! the shared call outlives the caller that started it and may be driven from any task;
+//! `Sync` on the response because its callers clone the one shared response from their own
+//! tasks at the same time, with no lock (as `futures::future::Shared` requires of its
+//! output).
 //!
 //! # Admission and `Clone`
 //!
@@ -128,17 +140,21 @@
 //! - **Shared call.** The leader boxes its future (`Pin<Box<dyn Future>>`: pinning it in
 //!   place inside shared state would need `unsafe` code, which the crate forbids) and drives
 //!   it from its own response future, holding no lock. Shared state, the *slot* (an `Arc`
-//!   with a mutex over the phase, the waiter list and the future while nobody drives it, and
-//!   an atomic count of attached callers), is made only when the first follower arrives. A
+//!   with a mutex over the phase, the waiter list and the future while nobody drives it, a
+//!   write-once cell (`std::sync::OnceLock`) for the value, outside the mutex, and an atomic
+//!   count of attached callers), is made only when the first follower arrives. A
 //!   driver that leaves puts the future into the slot and wakes one waiter to take it. The
 //!   waiter list is a `slab::Slab<Option<Waker>>` (amortized growth; O(1) removal when a
 //!   waiter leaves). Entries and slots are independent of the future's type, so one table
 //!   serves services with different future types.
-//! - **Cost.** An uncontended call allocates once (the boxed future) and takes a shard lock
-//!   twice (enter, leave); it makes no slot and clones nothing (the value moves to the last
-//!   caller to take it). A shared call allocates twice (boxed future, slot), plus its waiter
-//!   list's amortized growth (one allocation for up to four waiters); a follower allocates
-//!   nothing of its own.
+//! - **Cost.** On success, an uncontended call allocates once (the boxed future) and takes
+//!   a shard lock twice (enter, leave); it makes no slot and clones nothing (the value moves
+//!   to its only caller). A successful shared call allocates twice (boxed future, slot; the
+//!   response is stored in the slot), plus its waiter list's amortized growth (one
+//!   allocation for up to four waiters); a follower allocates nothing of its own. A failed
+//!   call allocates more: one `Arc` for the inner error (shared by its callers) and, per
+//!   caller, the box of the returned [`BoxError`](crate::BoxError) (the [`SharedError`] or
+//!   the panic error); the inner service's error itself is its own.
 //!
 //! ## Why no model checker
 //!
@@ -152,8 +168,15 @@
 //! entry if it reached zero), so the last caller is decided exactly and the future is dropped
 //! once. (3) *Finishing* removes the entry (shard lock) before storing the value and waking
 //! waiters (slot lock), so every caller that attached is woken or finds the value on its
-//! next poll, and later callers start a new call. The value is moved out only by the caller
-//! whose decrement took the count to zero, under the slot lock. (4) Driving is exclusive:
+//! next poll, and later callers start a new call. The value is written once into the slot,
+//! before the phase turns done under the slot lock, and never changes afterwards; callers
+//! read (clone) it holding no lock, and only the caller holding the last reference to the
+//! slot (`Arc::try_unwrap`, decided atomically by the reference count) moves it out, when
+//! nobody else can read it. No user code runs under either lock (futures and values are
+//! moved in and out, and polled, cloned or dropped outside; the one exception is the key's
+//! `Eq`, which a map must run under its lock), and the `ended` edge (metrics, events) is
+//! run by a drop guard once the entry left the table, so a panic in user code neither
+//! poisons the protocol nor skips the edge. (4) Driving is exclusive:
 //! the future is held by one caller at a time, taken from or put back into the slot under
 //! its lock, and a leaving driver nominates exactly one registered waiter. The multi-thread
 //! tests exercise these paths, including a driver leaving while the other thread attaches.

@@ -16,6 +16,11 @@ use crate::error::BoxError;
 /// `K` is the key type, `R` the response type, `F` the key function. `poll_ready` is always
 /// ready and reserves nothing; the shared call drives a clone of the inner service (see the
 /// [module docs](crate::coalesce#admission-and-clone)).
+///
+/// # Panics
+///
+/// `call` panics when the key function panics (the panic unwinds out of `call`; nothing
+/// joined, the request is dropped), and when cloning the inner service panics.
 pub struct Coalesce<S, K, R, F> {
     inner: S,
     table: Arc<Slots<K, R>>,
@@ -67,7 +72,7 @@ where
     S: Service<Req, Response = R> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    R: Clone + Send + 'static,
+    R: Clone + Send + Sync + 'static,
     Req: Send + 'static,
     K: Hash + Eq + Send + 'static,
     F: Fn(&Req) -> K,

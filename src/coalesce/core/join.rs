@@ -73,7 +73,7 @@ where
     K: Hash + Eq + Send + 'static,
     F: Future<Output = O> + Send + 'static,
     O: Send + 'static,
-    T: Clone + Send + 'static,
+    T: Clone + Send + Sync + 'static,
     H: Hooks<O, T>,
 {
     /// First poll: joins the table as leader or follower.
@@ -95,9 +95,11 @@ where
             self.id = e.id;
             shard.stats.followers += 1;
             drop(guard);
-            drop(fut);
             self.state = JoinState::Waiting { slot };
             table.hooks.joined(Role::Follower);
+            // Last: its destructor is upstream code, and may panic; this caller is attached
+            // in full by now, so unwinding from here detaches it like any drop.
+            drop(fut);
             return;
         }
         let id = shard.next_id;
@@ -126,6 +128,9 @@ where
     /// The driver ends the call with its future's output (`Err`: it panicked): the entry
     /// leaves the table first, so the next request starts a new call; then every waiter is
     /// served. Returns the driver's own value.
+    ///
+    /// The `ended` hook runs last, and runs even when what comes before it panics (a clone
+    /// of the value, the drop of the key: user code).
     fn finish(&mut self, out: Result<O, ()>) -> T {
         let table = &*self.table;
         let (out, end) = match out {
@@ -136,17 +141,44 @@ where
             .shard(self.hash)
             .remove(self.hash, self.id, end)
             .expect("a running call keeps its entry while a caller is attached");
-        let followers = entry.followers;
-        let mine = match &entry.slot {
+        let _ended = Ended::new(&table.hooks, end, entry.followers);
+        let Entry { key, slot, .. } = entry;
+        let mine = match slot {
             None => {
                 self.me.done = true;
                 out
             }
             Some(slot) => slot.deliver(&mut self.me, out),
         };
-        drop(entry);
-        table.hooks.ended(end, followers);
+        drop(key);
         mine
+    }
+}
+
+/// Runs the `ended` hook of a call whose entry left the table when dropped: exactly once,
+/// after whatever follows the removal, even when that panics (user code: a clone of the
+/// value, the drop of the future or of the key).
+struct Ended<'a, O, T, H: Hooks<O, T>> {
+    hooks: &'a H,
+    end: End,
+    followers: u64,
+    _types: std::marker::PhantomData<fn(O) -> T>,
+}
+
+impl<'a, O, T, H: Hooks<O, T>> Ended<'a, O, T, H> {
+    fn new(hooks: &'a H, end: End, followers: u64) -> Self {
+        Ended {
+            hooks,
+            end,
+            followers,
+            _types: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<O, T, H: Hooks<O, T>> Drop for Ended<'_, O, T, H> {
+    fn drop(&mut self) {
+        self.hooks.ended(self.end, self.followers);
     }
 }
 
@@ -169,13 +201,17 @@ impl<K, F, O, T, H: Hooks<O, T>> Join<K, F, O, T, H> {
                             Some(slot) => slot.clone(),
                             None => {
                                 // Alone: abandon the call.
-                                let entry = shard.remove(self.hash, self.id, End::Abandoned);
+                                let entry = shard
+                                    .remove(self.hash, self.id, End::Abandoned)
+                                    .expect("found above, under the same lock");
                                 drop(shard);
-                                drop(fut);
                                 self.me.done = true;
-                                if let Some(entry) = entry {
-                                    self.table.hooks.ended(End::Abandoned, entry.followers);
-                                }
+                                let ended =
+                                    Ended::new(&self.table.hooks, End::Abandoned, entry.followers);
+                                // Upstream code: may panic, and `ended` still runs.
+                                drop(fut);
+                                drop(entry);
+                                drop(ended);
                                 return;
                             }
                         }
@@ -192,11 +228,12 @@ impl<K, F, O, T, H: Hooks<O, T>> Join<K, F, O, T, H> {
         }
         match self.table.release(&slot, self.hash, self.id) {
             Some(entry) => {
-                // The last caller left a running call: drop the future, outside every lock.
+                // The last caller left a running call: drop the future, outside every lock
+                // (upstream code: may panic, and `ended` still runs).
+                let ended = Ended::new(&self.table.hooks, End::Abandoned, entry.followers);
                 drop(slot.abandon());
-                let followers = entry.followers;
                 drop(entry);
-                self.table.hooks.ended(End::Abandoned, followers);
+                drop(ended);
             }
             None => slot.hand_off(),
         }
@@ -208,7 +245,7 @@ where
     K: Hash + Eq + Send + 'static,
     F: Future<Output = O> + Send + 'static,
     O: Send + 'static,
-    T: Clone + Send + 'static,
+    T: Clone + Send + Sync + 'static,
     H: Hooks<O, T>,
 {
     type Output = T;
@@ -227,9 +264,14 @@ where
                 }
                 JoinState::Waiting { slot } => match slot.poll_wait(&mut this.me, cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Wait::Value(v)) => {
-                        this.state = JoinState::Done;
-                        return Poll::Ready(v);
+                    Poll::Ready(Wait::Done) => {
+                        let JoinState::Waiting { slot } =
+                            std::mem::replace(&mut this.state, JoinState::Done)
+                        else {
+                            unreachable!()
+                        };
+                        // The clone (user code) runs here, holding no lock.
+                        return Poll::Ready(slot.take(&mut this.me));
                     }
                     Poll::Ready(Wait::Drive(fut)) => {
                         let slot = slot.clone();
@@ -246,13 +288,20 @@ where
                         Ok(Poll::Ready(out)) => Ok(out),
                         Err(payload) => Err(payload),
                     };
-                    let state = std::mem::replace(&mut this.state, JoinState::Done);
+                    let JoinState::Driving { fut, slot } =
+                        std::mem::replace(&mut this.state, JoinState::Done)
+                    else {
+                        unreachable!()
+                    };
+                    // The entry holds the slot too, until `finish` takes it: let go of this
+                    // reference so that the driver may be its last holder.
+                    drop(slot);
                     let (v, payload) = match out {
                         Ok(o) => (this.finish(Ok(o)), None),
                         Err(p) => (this.finish(Err(())), Some(p)),
                     };
                     // Dropped once every caller was served (its destructor is upstream code).
-                    drop(state);
+                    drop(fut);
                     return match payload {
                         Some(p) if this.resume_panics => {
                             drop(v);

@@ -6,8 +6,8 @@
 //! correctness are in the [module docs](super#design).
 //!
 //! A shared call runs a future of output `O`; its owner's [`Hooks::complete`] turns that
-//! output into the value `T` every caller receives (a clone each; the last caller gets the
-//! original).
+//! output into the value `T` every caller receives (a clone each, made on the caller's task
+//! with no lock held; the caller that lets go of the call last gets the original).
 
 mod join;
 mod slot;
@@ -46,11 +46,16 @@ pub(crate) enum End {
 
 /// What the owner of a table (a layer) does at the edges of each shared call. Called outside
 /// every lock of the table, on the task that caused the edge.
+///
+/// The hooks are the owner's code, not user code: they must not panic (`complete` runs
+/// while the call's entry is still in the table, and `ended` may run while a panic of user
+/// code unwinds).
 pub(crate) trait Hooks<O, T>: Send + Sync + 'static {
     /// A caller joined, as `role` (a leader's entry just entered the table).
     fn joined(&self, role: Role);
     /// A shared call ended (its entry left the table); `followers` callers had attached to it
-    /// besides its leader.
+    /// besides its leader. Called exactly once per call, last, even when user code run after
+    /// the entry left (a clone of the value, a destructor) panics.
     fn ended(&self, end: End, followers: u64);
     /// The value the callers of a call whose future returned `out` receive.
     fn complete(&self, out: O) -> T;

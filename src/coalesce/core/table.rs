@@ -124,7 +124,7 @@ impl<K, O, T, H> Table<K, O, T, H>
 where
     K: Hash + Eq + Send + 'static,
     O: Send + 'static,
-    T: Clone + Send + 'static,
+    T: Clone + Send + Sync + 'static,
     H: Hooks<O, T>,
 {
     /// An empty table with four shards per available core (a power of two, at most 1024).
@@ -171,6 +171,10 @@ where
     /// while other callers remain attached, and is dropped otherwise). A panic of the shared
     /// future is caught and ends the call like any panic; it does not unwind the task.
     ///
+    /// A `deadline` already reached (now or earlier, on tokio's clock) when the task first
+    /// runs joins nothing: `fut` is dropped unpolled, and no call starts. Checked here too,
+    /// so that such a call is not even handed to a task.
+    ///
     /// # Panics
     ///
     /// When called outside a tokio runtime.
@@ -184,10 +188,16 @@ where
     where
         F: Future<Output = O> + Send + 'static,
     {
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            drop((key, fut));
+            return tokio::spawn(std::future::ready(()));
+        }
         let mut join = self.join(key, fut);
         join.resume_panics = false;
         tokio::spawn(async move {
             match deadline {
+                // `timeout_at` polls its future before looking at the clock: look first.
+                Some(d) if d <= Instant::now() => drop(join),
                 Some(d) => drop(tokio::time::timeout_at(d, join).await),
                 None => drop(join.await),
             }
@@ -207,7 +217,7 @@ impl<K, O, T, H> AnyTable for Table<K, O, T, H>
 where
     K: Hash + Eq + Send + 'static,
     O: Send + 'static,
-    T: Clone + Send + 'static,
+    T: Clone + Send + Sync + 'static,
     H: Hooks<O, T>,
 {
     fn stats(&self) -> Stats {

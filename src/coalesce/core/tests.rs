@@ -3,6 +3,7 @@
 use super::*;
 use crate::clock::Instant;
 use parking_lot::Mutex;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -157,4 +158,86 @@ async fn an_unpolled_share_never_joins() {
     drop(t.join(5, async { 1 }));
     assert_eq!(t.stats(), Stats::default());
     assert!(hooks.ended.lock().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn detached_call_with_a_deadline_already_passed_never_starts() {
+    let (t, hooks) = table();
+    let polls = Arc::new(AtomicU64::new(0));
+    for deadline in [Instant::now(), Instant::now() - Duration::from_millis(1)] {
+        let p = polls.clone();
+        let task = t.spawn_detached(
+            6,
+            std::future::poll_fn(move |_| {
+                p.fetch_add(1, Ordering::SeqCst);
+                Poll::Ready(1)
+            }),
+            Some(deadline),
+        );
+        task.await.unwrap();
+    }
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        0,
+        "the upstream call never started"
+    );
+    assert_eq!(t.stats(), Stats::default());
+    assert_eq!(hooks.leaders.load(Ordering::SeqCst), 0);
+    assert!(hooks.ended.lock().is_empty());
+}
+
+/// What the value's `Clone` saw: clones made, and clones made while the slot's lock was held.
+#[derive(Default)]
+struct Watch {
+    slot: Mutex<std::sync::Weak<slot::Slot<u32, Probe>>>,
+    clones: AtomicU64,
+    under_lock: AtomicU64,
+}
+
+/// A value whose `Clone` (user code) records whether it runs under the slot's lock.
+struct Probe(Arc<Watch>);
+
+impl Clone for Probe {
+    fn clone(&self) -> Self {
+        self.0.clones.fetch_add(1, Ordering::SeqCst);
+        // One thread (current-thread runtime): a held lock is held by this very call chain.
+        if self.0.slot.lock().upgrade().is_some_and(|s| s.is_locked()) {
+            self.0.under_lock.fetch_add(1, Ordering::SeqCst);
+        }
+        Probe(self.0.clone())
+    }
+}
+
+struct ProbeHooks(Arc<Watch>);
+
+impl Hooks<u32, Probe> for ProbeHooks {
+    fn joined(&self, _: Role) {}
+    fn ended(&self, _: End, _: u64) {}
+    fn complete(&self, _: u32) -> Probe {
+        Probe(self.0.clone())
+    }
+    fn panicked(&self) -> Probe {
+        Probe(self.0.clone())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn values_are_cloned_outside_the_slot_lock() {
+    let watch = Arc::new(Watch::default());
+    let t = Arc::new(Table::<u8, u32, Probe, _>::new(ProbeHooks(watch.clone())));
+    let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+    let leader = poll_once(t.join(7, Box::pin(async move { rx.await.unwrap() }))).await;
+    let a = poll_once(t.join(7, Box::pin(std::future::pending()))).await;
+    let b = poll_once(t.join(7, Box::pin(std::future::pending()))).await;
+    {
+        let hash = t.hasher.hash_one(7u8);
+        let shard = t.shard(hash);
+        let entry = shard.map.find(hash, |e| e.key == 7).expect("in flight");
+        *watch.slot.lock() = Arc::downgrade(entry.slot.as_ref().expect("followers made it"));
+    }
+    tx.send(1).unwrap();
+    let _values = (leader.await, a.await, b.await);
+    // The driver and one follower clone; the last follower takes the original.
+    assert_eq!(watch.clones.load(Ordering::SeqCst), 2);
+    assert_eq!(watch.under_lock.load(Ordering::SeqCst), 0);
 }
