@@ -9,11 +9,22 @@
 //! no atomic is written at all. Misses (a first call, a future finished on another thread)
 //! fall back to an ordinary clone; a full cache drops the reference as usual.
 //!
-//! A cached reference keeps a breaker's state alive after every layer, service and handle of
-//! it is gone, until the cache slot is reused: at most [`SLOTS`] breakers per thread. A slot
-//! whose breaker is referenced by nothing else is freed whenever the cache is full.
+//! A spare reference must not keep a dropped breaker alive. Layers, services and handles own
+//! the breaker through an [`Owner`]; when the last of them is dropped, the breaker is marked
+//! closed and this thread's spare references to it are dropped at once. From then on:
+//!
+//! - a finishing call never parks its reference (it is dropped, and the last one frees the
+//!   breaker);
+//! - every release on any thread first drops that thread's spare references to closed
+//!   breakers (one relaxed load per occupied slot, no shared write).
+//!
+//! So the breaker's state (and its event listeners) is freed when its last owner or its last
+//! call in flight is dropped, except for a spare parked on another thread before that, which
+//! lasts until that thread next finishes a call through any breaker (or exits). The registry
+//! holds the [`Owner`] weakly, so it never counts a spare reference as a live breaker.
 
 use std::cell::RefCell;
+use std::ops::Deref;
 use std::sync::Arc;
 
 use super::core::Shared;
@@ -25,6 +36,44 @@ type Slots = [Option<Arc<Shared>>; SLOTS];
 
 thread_local! {
     static SPARE: RefCell<Slots> = const { RefCell::new([const { None }; SLOTS]) };
+}
+
+/// The owners' share of a breaker: layers, services and handles hold an `Arc<Owner>`; calls
+/// in flight and spare references hold the `Arc<Shared>` inside. Dropping the last owner
+/// closes the breaker (see the [module docs](self)).
+#[derive(Debug)]
+pub(super) struct Owner(Arc<Shared>);
+
+impl Owner {
+    pub(super) fn new(shared: Shared) -> Owner {
+        Owner(Arc::new(shared))
+    }
+}
+
+impl Deref for Owner {
+    type Target = Arc<Shared>;
+
+    #[inline]
+    fn deref(&self) -> &Arc<Shared> {
+        &self.0
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.close();
+        // Dropped after the cache is released (the last reference runs user code).
+        let mut dead: Slots = [const { None }; SLOTS];
+        let _ = SPARE.try_with(|cell| {
+            if let Ok(mut slots) = cell.try_borrow_mut() {
+                for (slot, d) in slots.iter_mut().zip(dead.iter_mut()) {
+                    if slot.as_ref().is_some_and(|a| Arc::ptr_eq(a, &self.0)) {
+                        *d = slot.take();
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// A reference to `shared`: a spare one from this thread's cache, or a clone.
@@ -43,27 +92,37 @@ pub(super) fn acquire(shared: &Arc<Shared>) -> Arc<Shared> {
     cached.unwrap_or_else(|| Arc::clone(shared))
 }
 
-/// Gives a reference back: parked in this thread's cache, or dropped.
+/// Gives a reference back: parked in this thread's cache, or dropped (when its breaker is
+/// closed, or the cache is full). Drops this thread's spares of closed breakers on the way.
 #[inline]
 pub(super) fn release(arc: Arc<Shared>) {
+    if arc.is_closed() {
+        return drop(arc);
+    }
     // Whatever must be dropped is dropped after the cache is released (dropping the last
     // reference runs user code: metric handles, event listeners).
+    let mut dead: Slots = [const { None }; SLOTS];
     let _dropped: Option<Arc<Shared>> = SPARE
-        .try_with(move |cell| {
+        .try_with(|cell| {
             let Ok(mut slots) = cell.try_borrow_mut() else {
                 return Some(arc);
             };
-            if let Some(free) = slots.iter_mut().find(|s| s.is_none()) {
-                *free = Some(arc);
-                return None;
+            let mut arc = Some(arc);
+            for (slot, d) in slots.iter_mut().zip(dead.iter_mut()) {
+                if slot.as_ref().is_some_and(|a| a.is_closed()) {
+                    *d = slot.take();
+                }
+                if slot.is_none() && arc.is_some() {
+                    *slot = arc.take();
+                }
             }
-            release_full(&mut slots, arc)
+            arc.and_then(|arc| release_full(&mut slots, arc))
         })
         .unwrap_or(None);
 }
 
-/// The cache is full: replace a reference that nothing else holds (a dropped breaker), or
-/// else give `arc` back to be dropped.
+/// The cache is full: replace a reference that nothing else holds, or else give `arc` back
+/// to be dropped.
 #[cold]
 fn release_full(slots: &mut Slots, arc: Arc<Shared>) -> Option<Arc<Shared>> {
     match slots
