@@ -127,8 +127,9 @@
 //! back to an ordinary clone. A cached reference does not keep a dropped breaker alive: when
 //! its last layer, service and handle is dropped, the spare on that thread is dropped at
 //! once, a call finishing later drops its reference instead of caching it, and every other
-//! thread drops its spares of dropped breakers at its next finished call (one relaxed load
-//! per occupied slot, no shared write); registries ignore spares. So a breaker's state, and
+//! thread drops its spares of dropped breakers at its next finished call (a call loads a
+//! process-wide count of dropped breakers, written only when one is dropped, and sweeps its
+//! cache only when the count changed); registries ignore spares. So a breaker's state, and
 //! its event listeners, are freed as soon as its last owner or call in flight is dropped,
 //! except that a spare parked earlier on another thread, which has been idle since, lasts
 //! until that thread finishes a call through any breaker or exits.

@@ -15,8 +15,9 @@
 //!
 //! - a finishing call never parks its reference (it is dropped, and the last one frees the
 //!   breaker);
-//! - every release on any thread first drops that thread's spare references to closed
-//!   breakers (one relaxed load per occupied slot, no shared write).
+//! - every other thread drops its spare references to closed breakers at its next release:
+//!   a release loads a global count of closed breakers (written only when a breaker
+//!   closes, so it stays in every core's cache) and sweeps the cache only when it changed.
 //!
 //! So the breaker's state (and its event listeners) is freed when its last owner or its last
 //! call in flight is dropped, except for a spare parked on another thread before that, which
@@ -26,6 +27,7 @@
 use std::cell::RefCell;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::core::Shared;
 
@@ -34,8 +36,20 @@ pub(super) const SLOTS: usize = 4;
 
 type Slots = [Option<Arc<Shared>>; SLOTS];
 
+/// One thread's spare references, and the value of [`CLOSED`] it last swept for.
+struct Cache {
+    slots: Slots,
+    swept: usize,
+}
+
+/// Breakers closed so far in the process (wrapping): a thread whose cache last swept for an
+/// older value may hold spares of a closed breaker.
+static CLOSED: AtomicUsize = AtomicUsize::new(0);
+
 thread_local! {
-    static SPARE: RefCell<Slots> = const { RefCell::new([const { None }; SLOTS]) };
+    static SPARE: RefCell<Cache> = const {
+        RefCell::new(Cache { slots: [const { None }; SLOTS], swept: 0 })
+    };
 }
 
 /// The owners' share of a breaker: layers, services and handles hold an `Arc<Owner>`; calls
@@ -62,11 +76,12 @@ impl Deref for Owner {
 impl Drop for Owner {
     fn drop(&mut self) {
         self.0.close();
+        CLOSED.fetch_add(1, Ordering::Release);
         // Dropped after the cache is released (the last reference runs user code).
         let mut dead: Slots = [const { None }; SLOTS];
         let _ = SPARE.try_with(|cell| {
-            if let Ok(mut slots) = cell.try_borrow_mut() {
-                for (slot, d) in slots.iter_mut().zip(dead.iter_mut()) {
+            if let Ok(mut cache) = cell.try_borrow_mut() {
+                for (slot, d) in cache.slots.iter_mut().zip(dead.iter_mut()) {
                     if slot.as_ref().is_some_and(|a| Arc::ptr_eq(a, &self.0)) {
                         *d = slot.take();
                     }
@@ -81,8 +96,9 @@ impl Drop for Owner {
 pub(super) fn acquire(shared: &Arc<Shared>) -> Arc<Shared> {
     let cached = SPARE
         .try_with(|cell| {
-            let mut slots = cell.try_borrow_mut().ok()?;
-            slots
+            let mut cache = cell.try_borrow_mut().ok()?;
+            cache
+                .slots
                 .iter_mut()
                 .find(|s| s.as_ref().is_some_and(|a| Arc::ptr_eq(a, shared)))?
                 .take()
@@ -93,7 +109,8 @@ pub(super) fn acquire(shared: &Arc<Shared>) -> Arc<Shared> {
 }
 
 /// Gives a reference back: parked in this thread's cache, or dropped (when its breaker is
-/// closed, or the cache is full). Drops this thread's spares of closed breakers on the way.
+/// closed, or the cache is full). Drops this thread's spares of closed breakers first when
+/// a breaker has closed since the last sweep.
 #[inline]
 pub(super) fn release(arc: Arc<Shared>) {
     if arc.is_closed() {
@@ -104,21 +121,32 @@ pub(super) fn release(arc: Arc<Shared>) {
     let mut dead: Slots = [const { None }; SLOTS];
     let _dropped: Option<Arc<Shared>> = SPARE
         .try_with(|cell| {
-            let Ok(mut slots) = cell.try_borrow_mut() else {
+            let Ok(mut cache) = cell.try_borrow_mut() else {
                 return Some(arc);
             };
-            let mut arc = Some(arc);
-            for (slot, d) in slots.iter_mut().zip(dead.iter_mut()) {
-                if slot.as_ref().is_some_and(|a| a.is_closed()) {
-                    *d = slot.take();
-                }
-                if slot.is_none() && arc.is_some() {
-                    *slot = arc.take();
-                }
+            let closed = CLOSED.load(Ordering::Acquire);
+            if closed != cache.swept {
+                sweep(&mut cache, closed, &mut dead);
             }
-            arc.and_then(|arc| release_full(&mut slots, arc))
+            if let Some(free) = cache.slots.iter_mut().find(|s| s.is_none()) {
+                *free = Some(arc);
+                return None;
+            }
+            release_full(&mut cache.slots, arc)
         })
         .unwrap_or(None);
+}
+
+/// Moves this thread's spares of closed breakers to `dead`.
+#[cold]
+#[inline(never)]
+fn sweep(cache: &mut Cache, closed: usize, dead: &mut Slots) {
+    cache.swept = closed;
+    for (slot, d) in cache.slots.iter_mut().zip(dead.iter_mut()) {
+        if slot.as_ref().is_some_and(|a| a.is_closed()) {
+            *d = slot.take();
+        }
+    }
 }
 
 /// The cache is full: replace a reference that nothing else holds, or else give `arc` back
