@@ -116,10 +116,21 @@ impl Transitions {
     }
 }
 
+/// The words every call reads, side by side (one cache line).
+#[derive(Debug)]
+#[repr(C, align(16))]
+struct HotLine {
+    /// State, generation and clean bit ([`Hot`]).
+    word: AtomicU64,
+    /// Set when the last layer, service and handle is dropped: a spare reference parked in a
+    /// thread's cache is then garbage (see [`spare`](super::spare)).
+    closed: AtomicBool,
+}
+
 /// State shared by a layer, its services, their futures and handles.
 #[derive(Debug)]
 pub(super) struct Shared {
-    hot: AtomicU64,
+    hot: HotLine,
     /// Nanoseconds from `origin` to the end of the wait in Open; valid while the hot word
     /// says Open.
     open_until: AtomicU64,
@@ -130,9 +141,6 @@ pub(super) struct Shared {
     metrics: Metrics,
     pub(super) events: Events,
     rejected: AtomicU64,
-    /// Set when the last layer, service and handle is dropped: a spare reference parked in a
-    /// thread's cache is then garbage (see [`spare`](super::spare)).
-    closed: AtomicBool,
     /// Calls need a start time (slow-call detection or duration histograms).
     pub(super) timed: bool,
 }
@@ -151,7 +159,10 @@ impl Shared {
         metrics.set_state(State::Closed);
         metrics.set_rates(&Totals::default());
         Shared {
-            hot: AtomicU64::new(Hot::new(State::Closed, 0, clean).0),
+            hot: HotLine {
+                word: AtomicU64::new(Hot::new(State::Closed, 0, clean).0),
+                closed: AtomicBool::new(false),
+            },
             open_until: AtomicU64::new(0),
             origin,
             core: Mutex::new(Core {
@@ -171,20 +182,19 @@ impl Shared {
             metrics,
             events,
             rejected: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
             timed,
         }
     }
 
     /// Marks the breaker as owned by nothing but calls in flight and spare references.
     pub(super) fn close(&self) {
-        self.closed.store(true, Ordering::Relaxed);
+        self.hot.closed.store(true, Ordering::Relaxed);
     }
 
     /// `true` once the last layer, service and handle is dropped.
     #[inline]
     pub(super) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Relaxed)
+        self.hot.closed.load(Ordering::Relaxed)
     }
 
     // ---- per call -------------------------------------------------------------------------
@@ -195,7 +205,7 @@ impl Shared {
     /// read, the lock only once the wait has passed. HalfOpen: the lock.
     #[inline]
     pub(super) fn admit(&self) -> Result<Ticket, Option<Duration>> {
-        let hot = Hot(self.hot.load(Ordering::Acquire));
+        let hot = Hot(self.hot.word.load(Ordering::Acquire));
         match hot.state() {
             State::Closed | State::Disabled => Ok(Ticket {
                 generation: hot.generation(),
@@ -289,7 +299,7 @@ impl Shared {
             self.metrics.slow_calls.increment(1);
         }
         if !t.probe {
-            let word = self.hot.load(Ordering::Acquire);
+            let word = self.hot.word.load(Ordering::Acquire);
             if outcome == Outcome::Success && !slow && word == Hot::closed_clean(t.generation) {
                 return;
             }
@@ -502,8 +512,8 @@ impl Shared {
     fn publish(&self, core: &Core) {
         let clean = core.state == State::Closed && core.window.clean();
         let word = Hot::new(core.state, core.generation, clean).0;
-        if self.hot.load(Ordering::Relaxed) != word {
-            self.hot.store(word, Ordering::Release);
+        if self.hot.word.load(Ordering::Relaxed) != word {
+            self.hot.word.store(word, Ordering::Release);
         }
     }
 

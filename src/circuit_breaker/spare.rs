@@ -43,8 +43,12 @@ struct Cache {
 }
 
 /// Breakers closed so far in the process (wrapping): a thread whose cache last swept for an
-/// older value may hold spares of a closed breaker.
-static CLOSED: AtomicUsize = AtomicUsize::new(0);
+/// older value may hold spares of a closed breaker. Read by every call, written once per
+/// dropped breaker: on a cache line of its own so no neighbour's writes evict it.
+static CLOSED: Padded = Padded(AtomicUsize::new(0));
+
+#[repr(align(128))]
+struct Padded(AtomicUsize);
 
 thread_local! {
     static SPARE: RefCell<Cache> = const {
@@ -55,7 +59,12 @@ thread_local! {
 /// The owners' share of a breaker: layers, services and handles hold an `Arc<Owner>`; calls
 /// in flight and spare references hold the `Arc<Shared>` inside. Dropping the last owner
 /// closes the breaker (see the [module docs](self)).
+///
+/// Every call reads the pointer inside; it is aligned to a cache line of its own so that
+/// neither the `Arc`'s reference counts (written by service clones) nor a neighbouring
+/// allocation share its line.
 #[derive(Debug)]
+#[repr(align(64))]
 pub(super) struct Owner(Arc<Shared>);
 
 impl Owner {
@@ -76,7 +85,7 @@ impl Deref for Owner {
 impl Drop for Owner {
     fn drop(&mut self) {
         self.0.close();
-        CLOSED.fetch_add(1, Ordering::Release);
+        CLOSED.0.fetch_add(1, Ordering::Release);
         // Dropped after the cache is released (the last reference runs user code).
         let mut dead: Slots = [const { None }; SLOTS];
         let _ = SPARE.try_with(|cell| {
@@ -116,37 +125,52 @@ pub(super) fn release(arc: Arc<Shared>) {
     if arc.is_closed() {
         return drop(arc);
     }
+    let closed = CLOSED.0.load(Ordering::Acquire);
     // Whatever must be dropped is dropped after the cache is released (dropping the last
     // reference runs user code: metric handles, event listeners).
-    let mut dead: Slots = [const { None }; SLOTS];
     let _dropped: Option<Arc<Shared>> = SPARE
         .try_with(|cell| {
             let Ok(mut cache) = cell.try_borrow_mut() else {
                 return Some(arc);
             };
-            let closed = CLOSED.load(Ordering::Acquire);
             if closed != cache.swept {
-                sweep(&mut cache, closed, &mut dead);
+                drop(cache);
+                return release_sweeping(cell, arc, closed);
             }
-            if let Some(free) = cache.slots.iter_mut().find(|s| s.is_none()) {
-                *free = Some(arc);
-                return None;
-            }
-            release_full(&mut cache.slots, arc)
+            park(&mut cache.slots, arc)
         })
         .unwrap_or(None);
 }
 
-/// Moves this thread's spares of closed breakers to `dead`.
+/// Parks `arc` in a free slot; returns what must be dropped.
+#[inline]
+fn park(slots: &mut Slots, arc: Arc<Shared>) -> Option<Arc<Shared>> {
+    if let Some(free) = slots.iter_mut().find(|s| s.is_none()) {
+        *free = Some(arc);
+        return None;
+    }
+    release_full(slots, arc)
+}
+
+/// [`release`] after a breaker has closed: drops this thread's spares of closed breakers
+/// (after the cache is released), then parks `arc`.
 #[cold]
 #[inline(never)]
-fn sweep(cache: &mut Cache, closed: usize, dead: &mut Slots) {
+fn release_sweeping(cell: &RefCell<Cache>, arc: Arc<Shared>, closed: usize) -> Option<Arc<Shared>> {
+    let mut dead: Slots = [const { None }; SLOTS];
+    let Ok(mut cache) = cell.try_borrow_mut() else {
+        return Some(arc);
+    };
     cache.swept = closed;
     for (slot, d) in cache.slots.iter_mut().zip(dead.iter_mut()) {
         if slot.as_ref().is_some_and(|a| a.is_closed()) {
             *d = slot.take();
         }
     }
+    let rest = park(&mut cache.slots, arc);
+    drop(cache);
+    drop(dead);
+    rest
 }
 
 /// The cache is full: replace a reference that nothing else holds, or else give `arc` back
