@@ -949,19 +949,226 @@ async fn cancelled_calls_count_as_neither_without_slow_call_detection() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_dropped_breaker_is_freed_once_its_cached_reference_is_reused() {
+async fn a_dropped_breaker_is_freed_as_soon_as_its_last_owner_is_dropped() {
+    let freed = Count::default();
+    let guard = DropGuard(freed.clone());
+    let (layer, svc, _) = setup(count_window(2).on_event(move |_| {
+        let _ = &guard;
+    }));
+    run(&svc, S).await.unwrap(); // parks a spare reference on this thread
+    let h = layer.handle();
+    drop((layer, svc));
+    assert_eq!(freed.get(), 0, "the handle still owns it");
+    drop(h);
+    assert_eq!(freed.get(), 1, "the spare reference did not keep it alive");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_in_flight_call_keeps_a_dropped_breaker_until_it_finishes_then_frees_it() {
     let freed = Count::default();
     let guard = DropGuard(freed.clone());
     let (layer, svc, _) = setup(count_window(2).on_event(move |_| {
         let _ = &guard;
     }));
     run(&svc, S).await.unwrap();
+    let call = tokio::spawn(svc.clone().oneshot(SlowF(100)));
+    settle().await;
     drop((layer, svc));
-    assert_eq!(freed.get(), 0, "a reference is cached on this thread");
-    // Four other breakers fill the thread's cache; the last one evicts the dead reference.
-    let others: Vec<_> = (0..4).map(|_| setup(count_window(2))).collect();
-    for (_, svc, _) in &others {
-        run(svc, S).await.unwrap();
+    assert_eq!(freed.get(), 0, "the call in flight still needs it");
+    advance(Duration::from_millis(100)).await;
+    assert!(call.await.unwrap().is_err());
+    assert_eq!(freed.get(), 1, "freed when the last call finished");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_breaker_leaves_the_registry_once_its_layer_and_services_are_gone() {
+    let registry = tower_breakwater::registry::Registry::new();
+    let (layer, svc, _) = setup(count_window(2).name("gone").registry(&registry));
+    run_all(&svc, &[S, F, S]).await; // calls served on this thread
+    assert_eq!(registry.snapshot().len(), 1);
+    drop((layer, svc));
+    assert!(registry.snapshot().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_event_channel_closes_once_the_layer_and_services_are_dropped() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (layer, svc, _) = setup(count_window(2).on_event(move |e| {
+        if let EventKind::StateTransition { from, to } = e.kind() {
+            let _ = tx.send((from, to));
+        }
+    }));
+    run_all(&svc, &[F, F]).await;
+    open_error(run(&svc, S).await);
+    drop((layer, svc));
+    let mut got = Vec::new();
+    let drained = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(e) = rx.recv().await {
+            got.push(e);
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the sender outlived the breaker");
+    assert_eq!(got, vec![("closed", "open")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spare_reference_on_another_thread_is_freed_at_its_next_call() {
+    // The breaker served its last call on a worker thread, then is dropped here.
+    let freed = Count::default();
+    let guard = DropGuard(freed.clone());
+    let (layer, svc, _) = setup(count_window(2).on_event(move |_| {
+        let _ = &guard;
+    }));
+    let (other_layer, other_svc, _) = setup(count_window(2));
+    let (to_worker, from_main) = std::sync::mpsc::channel::<Option<Svc>>();
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        while let Ok(next) = from_main.recv() {
+            if let Some(svc) = next {
+                rt.block_on(svc.oneshot(S)).unwrap();
+            }
+            done.send(()).unwrap();
+        }
+    });
+    to_worker.send(Some(svc)).unwrap(); // parks a spare on the worker
+    finished.recv().unwrap();
+    drop(layer);
+    assert_eq!(freed.get(), 0, "parked on the worker");
+    to_worker.send(Some(other_svc)).unwrap(); // any finished call there sweeps it
+    finished.recv().unwrap();
+    assert_eq!(freed.get(), 1);
+    drop((to_worker, other_layer));
+    worker.join().unwrap();
+}
+
+// ---- maximum time in half-open -------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_half_open_period_without_probes_never_expires_into_open() {
+    let rec = TestRecorder::default();
+    let (layer, svc, inner) = rec.install_while(|| {
+        setup(
+            count_window(2)
+                .name("idle")
+                .permitted_calls_in_half_open(1)
+                .exponential_wait(2.0, Duration::from_secs(3_600)),
+        )
+    });
+    let h = layer.handle();
+    half_open(&svc, &layer).await;
+    // An hour without traffic, scraped every 15 s (max time in HalfOpen: 60 s).
+    for _ in 0..240 {
+        advance(Duration::from_secs(15)).await;
+        assert_eq!(h.snapshot().state, Some("half_open"));
+        assert_eq!(h.state(), State::HalfOpen);
     }
-    assert_eq!(freed.get(), 1, "the dropped breaker's state was freed");
+    let tr = |f, t| {
+        rec.counter(
+            "breakwater_circuit_breaker_transitions_total",
+            &[("name", "idle"), ("from", f), ("to", t)],
+        )
+    };
+    assert_eq!(tr("half_open", "open"), Some(0));
+    run(&svc, S)
+        .await
+        .expect("the probe reaches the inner service");
+    assert_eq!(inner.calls.get(), 3);
+    assert_eq!(h.state(), State::Closed);
+    assert_eq!(tr("half_open", "closed"), Some(1));
+    assert_eq!(tr("half_open", "open"), Some(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_half_open_period_counts_no_trip_for_the_exponential_wait() {
+    let (layer, svc, _) = setup(
+        count_window(2)
+            .permitted_calls_in_half_open(1)
+            .exponential_wait(2.0, Duration::from_secs(3_600)),
+    );
+    half_open(&svc, &layer).await;
+    advance(Duration::from_secs(600)).await;
+    assert_eq!(layer.handle().state(), State::HalfOpen);
+    run(&svc, F).await.unwrap_err(); // the probe fails: the second trip
+    assert_eq!(
+        open_error(run(&svc, S).await).retry_after(),
+        Some(Duration::from_secs(20))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_maximum_time_in_half_open_counts_from_the_first_probe() {
+    let (layer, svc, inner) = setup(
+        count_window(2)
+            .permitted_calls_in_half_open(2)
+            .max_time_in_half_open(Some(Duration::from_secs(5))),
+    );
+    let h = layer.handle();
+    half_open(&svc, &layer).await;
+    advance(Duration::from_secs(30)).await; // idle: no clock runs yet
+    assert_eq!(h.state(), State::HalfOpen);
+    let hung = tokio::spawn(svc.clone().oneshot(SlowS(8_000)));
+    settle().await;
+    advance(Duration::from_millis(4_999)).await;
+    assert_eq!(h.state(), State::HalfOpen);
+    run(&svc, S).await.unwrap(); // the second probe, within the time
+    assert_eq!(h.state(), State::HalfOpen, "one probe still undecided");
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(
+        h.state(),
+        State::Open,
+        "the probes did not decide within 5 s"
+    );
+    assert_eq!(inner.calls.get(), 4);
+    advance(Duration::from_secs(3)).await;
+    assert!(hung.await.unwrap().is_ok());
+    assert_eq!(h.state(), State::Open);
+}
+
+// ---- state time and retry-after -------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn state_time_carries_the_sub_millisecond_remainder_across_periods() {
+    let rec = TestRecorder::default();
+    let (layer, _svc, _) = rec.install_while(|| setup(count_window(2).name("t")));
+    let h = layer.handle();
+    for _ in 0..100 {
+        advance(Duration::from_micros(1_500)).await;
+        h.force_open();
+        advance(Duration::from_micros(1_500)).await;
+        h.reset();
+    }
+    let ms = |s| {
+        rec.counter(
+            "breakwater_circuit_breaker_state_milliseconds_total",
+            &[("name", "t"), ("state", s)],
+        )
+        .unwrap()
+    };
+    assert_eq!(ms("closed"), 150);
+    assert_eq!(ms("forced_open"), 150);
+    assert_eq!(ms("closed") + ms("forced_open"), 300);
+    advance(Duration::from_micros(700)).await;
+    h.snapshot();
+    assert_eq!(ms("closed"), 150, "0.7 ms is not a whole millisecond yet");
+    advance(Duration::from_micros(300)).await;
+    h.snapshot();
+    assert_eq!(ms("closed"), 151);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_effectively_infinite_wait_has_no_retry_after_on_either_path() {
+    for wait in [Duration::MAX, Duration::from_secs(600 * 365 * 86_400)] {
+        let (layer, svc, _) = setup(count_window(2).wait_in_open(wait));
+        run_all(&svc, &[F, F]).await;
+        assert_eq!(open_error(run(&svc, S).await).retry_after(), None);
+        advance(Duration::from_secs(86_400)).await;
+        assert_eq!(layer.handle().state(), State::Open);
+        assert_eq!(open_error(run(&svc, S).await).retry_after(), None);
+    }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use super::State;
 use super::metrics::{Metrics, REJECTED, outcome_index};
 use super::state::Hot;
-use super::sync::{AtomicU64, Mutex, Ordering};
+use super::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
 use super::window::{Totals, Window, ratio};
 use crate::classify::Outcome;
 use crate::clock::{self, Instant};
@@ -73,7 +73,12 @@ pub(super) struct Ticket {
 struct Probes {
     in_flight: u64,
     totals: Totals,
+    /// When the period's first probe was admitted: the start of its maximum time.
+    first: Option<Instant>,
 }
+
+/// Number of [`State`]s.
+const STATES: usize = 5;
 
 /// Everything behind the lock.
 #[derive(Debug)]
@@ -81,15 +86,19 @@ pub(super) struct Core {
     state: State,
     generation: u64,
     entered: Instant,
-    /// Milliseconds of the current period already added to the state-time counter.
-    ms_accounted: u64,
+    /// Up to when the state-time counters have been brought.
+    accounted_to: Instant,
+    /// Nanoseconds spent in each state (by [`State::index`]); each state's counter holds the
+    /// whole milliseconds of its total, so no period's remainder is lost.
+    state_nanos: [u64; STATES],
     window: Window,
     probes: Probes,
     /// Totals that caused the last trip, shown by snapshots while Open.
     tripped: Totals,
     /// Trips since the breaker was last Closed (1 in the first Open period).
     trips: u32,
-    /// End of the wait in Open; `None` when too far to represent.
+    /// End of the wait in Open; `None` when effectively infinite (too far to represent in
+    /// the lock-free word, about 584 years from the layer's build).
     open_until: Option<Instant>,
 }
 
@@ -107,10 +116,21 @@ impl Transitions {
     }
 }
 
+/// The words every call reads, side by side (one cache line).
+#[derive(Debug)]
+#[repr(C, align(16))]
+struct HotLine {
+    /// State, generation and clean bit ([`Hot`]).
+    word: AtomicU64,
+    /// Set when the last layer, service and handle is dropped: a spare reference parked in a
+    /// thread's cache is then garbage (see [`spare`](super::spare)).
+    closed: AtomicBool,
+}
+
 /// State shared by a layer, its services, their futures and handles.
 #[derive(Debug)]
 pub(super) struct Shared {
-    hot: AtomicU64,
+    hot: HotLine,
     /// Nanoseconds from `origin` to the end of the wait in Open; valid while the hot word
     /// says Open.
     open_until: AtomicU64,
@@ -139,14 +159,18 @@ impl Shared {
         metrics.set_state(State::Closed);
         metrics.set_rates(&Totals::default());
         Shared {
-            hot: AtomicU64::new(Hot::new(State::Closed, 0, clean).0),
+            hot: HotLine {
+                word: AtomicU64::new(Hot::new(State::Closed, 0, clean).0),
+                closed: AtomicBool::new(false),
+            },
             open_until: AtomicU64::new(0),
             origin,
             core: Mutex::new(Core {
                 state: State::Closed,
                 generation: 0,
                 entered: origin,
-                ms_accounted: 0,
+                accounted_to: origin,
+                state_nanos: [0; STATES],
                 window,
                 probes: Probes::default(),
                 tripped: Totals::default(),
@@ -162,6 +186,17 @@ impl Shared {
         }
     }
 
+    /// Marks the breaker as owned by nothing but calls in flight and spare references.
+    pub(super) fn close(&self) {
+        self.hot.closed.store(true, Ordering::Relaxed);
+    }
+
+    /// `true` once the last layer, service and handle is dropped.
+    #[inline]
+    pub(super) fn is_closed(&self) -> bool {
+        self.hot.closed.load(Ordering::Relaxed)
+    }
+
     // ---- per call -------------------------------------------------------------------------
 
     /// Admits a call, or returns the time left in Open (`None` where unknown) for a rejection.
@@ -170,7 +205,7 @@ impl Shared {
     /// read, the lock only once the wait has passed. HalfOpen: the lock.
     #[inline]
     pub(super) fn admit(&self) -> Result<Ticket, Option<Duration>> {
-        let hot = Hot(self.hot.load(Ordering::Acquire));
+        let hot = Hot(self.hot.word.load(Ordering::Acquire));
         match hot.state() {
             State::Closed | State::Disabled => Ok(Ticket {
                 generation: hot.generation(),
@@ -182,7 +217,9 @@ impl Shared {
                 let until = self.open_until.load(Ordering::Relaxed);
                 let since = self.nanos_since_origin(now);
                 if since < until {
-                    return Err(Some(Duration::from_nanos(until - since)));
+                    // `u64::MAX`: an effectively infinite wait, which has no retry-after (as
+                    // on the locked path).
+                    return Err((until != u64::MAX).then(|| Duration::from_nanos(until - since)));
                 }
                 self.admit_slow(&mut Now::at(now))
             }
@@ -213,6 +250,9 @@ impl Shared {
                     let p = &mut core.probes;
                     if p.in_flight + p.totals.calls < self.cfg.permitted_in_half_open {
                         p.in_flight += 1;
+                        if p.first.is_none() {
+                            p.first = Some(now.get());
+                        }
                         Ok(Ticket {
                             generation: core.generation,
                             probe: true,
@@ -259,7 +299,7 @@ impl Shared {
             self.metrics.slow_calls.increment(1);
         }
         if !t.probe {
-            let word = self.hot.load(Ordering::Acquire);
+            let word = self.hot.word.load(Ordering::Acquire);
             if outcome == Outcome::Success && !slow && word == Hot::closed_clean(t.generation) {
                 return;
             }
@@ -395,14 +435,17 @@ impl Shared {
         }
     }
 
+    /// The maximum time in HalfOpen has passed since the period's first probe was admitted.
+    /// A period in which no probe was admitted never expires (it has nothing to wait for).
     fn half_open_expired(&self, core: &Core, now: &mut Now) -> bool {
-        self.cfg
-            .max_time_in_half_open
-            .is_some_and(|max| now.get().saturating_duration_since(core.entered) >= max)
+        match (self.cfg.max_time_in_half_open, core.probes.first) {
+            (Some(max), Some(first)) => now.get().saturating_duration_since(first) >= max,
+            _ => false,
+        }
     }
 
     /// Applies a transition that time has made due: Open past its wait to HalfOpen, HalfOpen
-    /// past its maximum time to Open.
+    /// past its maximum time (counted from its first probe) to Open.
     fn apply_due(&self, core: &mut Core, now: &mut Now, out: &mut Transitions) {
         if core.state == State::Open && core.open_until.is_some_and(|u| now.get() >= u) {
             self.transition(core, State::HalfOpen, now, out);
@@ -435,7 +478,6 @@ impl Shared {
         let from = core.state;
         self.account(core, now);
         core.entered = now;
-        core.ms_accounted = 0;
         core.state = to;
         core.generation += 1;
         match to {
@@ -447,8 +489,9 @@ impl Shared {
             State::Open => {
                 core.trips = core.trips.saturating_add(1);
                 let until = now.checked_add(self.wait(core.trips));
-                core.open_until = until;
                 let nanos = until.map_or(u64::MAX, |u| self.nanos_since_origin(u));
+                // An end the lock-free word cannot represent is infinite on both paths.
+                core.open_until = until.filter(|_| nanos != u64::MAX);
                 self.open_until.store(nanos, Ordering::Relaxed);
             }
             State::HalfOpen => {
@@ -469,19 +512,28 @@ impl Shared {
     fn publish(&self, core: &Core) {
         let clean = core.state == State::Closed && core.window.clean();
         let word = Hot::new(core.state, core.generation, clean).0;
-        if self.hot.load(Ordering::Relaxed) != word {
-            self.hot.store(word, Ordering::Release);
+        if self.hot.word.load(Ordering::Relaxed) != word {
+            self.hot.word.store(word, Ordering::Release);
         }
     }
 
-    /// Adds the time spent in the current state since it was last accounted.
+    /// Adds the time spent in the current state since it was last accounted. The counter
+    /// of a state is the whole milliseconds of the nanoseconds spent in it in total, so the
+    /// sub-millisecond remainder of a period is carried to the state's next period.
     fn account(&self, core: &mut Core, now: Instant) {
-        let total = u64::try_from(now.saturating_duration_since(core.entered).as_millis())
-            .unwrap_or(u64::MAX);
-        let delta = total.saturating_sub(core.ms_accounted);
+        if now <= core.accounted_to {
+            return;
+        }
+        let nanos =
+            u64::try_from(now.duration_since(core.accounted_to).as_nanos()).unwrap_or(u64::MAX);
+        core.accounted_to = now;
+        let i = core.state.index();
+        let before = core.state_nanos[i];
+        let after = before.saturating_add(nanos);
+        core.state_nanos[i] = after;
+        let delta = after / 1_000_000 - before / 1_000_000;
         if delta > 0 {
-            self.metrics.state_time[core.state.index()].increment(delta);
-            core.ms_accounted = total;
+            self.metrics.state_time[i].increment(delta);
         }
     }
 

@@ -5,6 +5,7 @@ use tower::Layer;
 
 use super::core::{Config, Now, Shared};
 use super::metrics::Metrics;
+use super::spare::Owner;
 use super::window::{CountWindow, TimeWindow, Window};
 use super::{CircuitBreaker, State};
 use crate::classify::DefaultClassifier;
@@ -158,7 +159,9 @@ impl<C> CircuitBreakerBuilder<C> {
     }
 
     /// The wait in Open before probing (default 60 s, must be > 0); the first wait when
-    /// [`exponential_wait`](Self::exponential_wait) is set.
+    /// [`exponential_wait`](Self::exponential_wait) is set. A wait ending more than about 584
+    /// years after the build (such as `Duration::MAX`) is infinite: rejections carry no
+    /// retry-after and only [`reset`](CircuitBreakerHandle::reset) closes the breaker.
     pub fn wait_in_open(mut self, wait: Duration) -> Self {
         self.wait_in_open = wait;
         self
@@ -172,9 +175,10 @@ impl<C> CircuitBreakerBuilder<C> {
         self
     }
 
-    /// The maximum time in HalfOpen (default 60 s, must be > 0): when it passes before the
-    /// probes decide, the breaker reopens (at the next call, probe outcome or state read).
-    /// `None` waits for the probes forever.
+    /// The maximum time in HalfOpen (default 60 s, must be > 0), counted from the admission
+    /// of the period's first probe: when it passes before the probes decide, the breaker
+    /// reopens (at the next call, probe outcome or state read). A half-open period with no
+    /// probe admitted never expires. `None` waits for the probes forever.
     pub fn max_time_in_half_open(mut self, max: Option<Duration>) -> Self {
         self.max_time_in_half_open = max;
         self
@@ -308,14 +312,14 @@ impl<C> CircuitBreakerBuilder<C> {
         let reg = self.common.registrar();
         let metrics = Metrics::register(&reg, self.common.record_durations);
         let events = self.common.events(LayerKind::CircuitBreaker);
-        let shared = Arc::new(Shared::new(
+        let shared = Arc::new(Owner::new(Shared::new(
             cfg,
             window,
             v.name().clone(),
             metrics,
             events,
             origin,
-        ));
+        )));
         self.common.register(&shared);
         Ok(CircuitBreakerLayer {
             shared,
@@ -330,7 +334,7 @@ impl<C> CircuitBreakerBuilder<C> {
 /// Cheap to clone (one `Arc`); every clone, and every service it makes, shares one breaker.
 #[derive(Debug)]
 pub struct CircuitBreakerLayer<C = DefaultClassifier> {
-    shared: Arc<Shared>,
+    shared: Arc<Owner>,
     classifier: C,
 }
 
@@ -372,7 +376,7 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
 /// released, so a listener may call the handle).
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerHandle {
-    shared: Arc<Shared>,
+    shared: Arc<Owner>,
 }
 
 impl CircuitBreakerHandle {
@@ -382,7 +386,8 @@ impl CircuitBreakerHandle {
     }
 
     /// The current state, after applying a transition that time has already made due (Open
-    /// past its wait becomes HalfOpen; HalfOpen past its maximum time becomes Open).
+    /// past its wait becomes HalfOpen; HalfOpen past its maximum time since its first probe
+    /// becomes Open).
     pub fn state(&self) -> State {
         self.shared.state(&mut Now::lazy())
     }
@@ -416,7 +421,9 @@ impl CircuitBreakerHandle {
     }
 }
 
-impl crate::registry::SnapshotSource for Shared {
+/// The registry holds the owners' share weakly: a breaker whose layers, services and handles
+/// are all dropped leaves it, whatever calls in flight or spare references remain.
+impl crate::registry::SnapshotSource for Owner {
     fn snapshot(&self) -> Snapshot {
         Shared::snapshot(self, &mut Now::lazy())
     }

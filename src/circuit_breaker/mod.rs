@@ -55,11 +55,15 @@
 //!   recorded (honoured before the window is full), the failure rate is at or above
 //!   `failure_rate_threshold`, or, with slow-call detection on, the slow-call rate is at or
 //!   above `slow_call_rate_threshold`. A slow call is one running longer than
-//!   `slow_call_duration`; it counts in the slow-call rate whatever its outcome.
+//!   `slow_call_duration`; it counts in the slow-call rate whether it succeeded or failed.
+//!   A slow call classified as ignored is counted in `_slow_calls_total` but is not
+//!   recorded, so it is in neither the slow-call rate nor a half-open period's probes.
 //! - **Open** rejects at once, without calling the inner service, with a
 //!   [`BreakwaterError`](crate::error::BreakwaterError) of kind
 //!   [`CircuitOpen`](crate::error::ErrorKind::CircuitOpen) carrying the instance name and,
-//!   as `retry_after`, the time left in the wait. The wait is fixed, or grows exponentially
+//!   as `retry_after`, the time left in the wait (none when the wait is effectively
+//!   infinite: it ends more than about 584 years after the layer was built, as with
+//!   `Duration::MAX`; such a breaker stays Open until reset). The wait is fixed, or grows exponentially
 //!   with a cap across consecutive trips ([`exponential_wait`](CircuitBreakerBuilder::exponential_wait)).
 //!   Open becomes HalfOpen lazily, at the first call or state read after the wait: there is
 //!   no background task.
@@ -69,11 +73,16 @@
 //!   calls) among N reach the threshold whatever the rest do, Closed once they cannot reach
 //!   it even if every remaining probe fails; with N = 1 the one outcome decides. The same
 //!   rule applies in the consecutive-failures model. A probe whose future is dropped, or
-//!   whose outcome is ignored, frees its slot at once. When the maximum time in HalfOpen
-//!   (60 s by default; resilience4j's `maxWaitDurationInHalfOpenState`, which is off there
-//!   by default) passes before the probes decide, the breaker reopens (lazily, at the next
-//!   call, probe outcome or state read), so a probe that never completes cannot keep it
-//!   half-open forever.
+//!   whose outcome is ignored, frees its slot at once.
+//! - **Maximum time in HalfOpen** (60 s by default; resilience4j's
+//!   `maxWaitDurationInHalfOpenState`, which is off there by default and counts from
+//!   entering HalfOpen). It is counted from the admission of the period's **first probe**:
+//!   once that long has passed and the probes have not decided, the breaker reopens
+//!   (lazily, at the next call, probe outcome or state read; it counts as a trip for the
+//!   exponential wait), so a probe that never completes cannot keep it half-open forever.
+//!   A half-open period in which no probe has been admitted never expires: without traffic,
+//!   state reads and snapshots (registry scrapes) leave it HalfOpen indefinitely, and the
+//!   next call is a probe.
 //! - **Generations.** Every state change starts a new state period. A call remembers the
 //!   period it was admitted in; its outcome, if it arrives in a later period, is dropped: it
 //!   is not recorded in the window, never causes a transition, never extends an Open period
@@ -115,9 +124,15 @@
 //! shared by every thread: measured, they were most of the cost of a call (and the point of
 //! contention between threads). So a finished future parks its reference in a small
 //! per-thread cache (4 slots) and the next call on that thread takes it back; a miss falls
-//! back to an ordinary clone. The price: a cached reference keeps a dropped breaker's state
-//! (and its event listeners) alive until its slot is reused, at most 4 breakers per thread;
-//! a slot whose breaker nothing else references is freed whenever the cache is full.
+//! back to an ordinary clone. A cached reference does not keep a dropped breaker alive: when
+//! its last layer, service and handle is dropped, the spare on that thread is dropped at
+//! once, a call finishing later drops its reference instead of caching it, and every other
+//! thread drops its spares of dropped breakers at its next finished call (a call loads a
+//! process-wide count of dropped breakers, written only when one is dropped, and sweeps its
+//! cache only when the count changed); registries ignore spares. So a breaker's state, and
+//! its event listeners, are freed as soon as its last owner or call in flight is dropped,
+//! except that a spare parked earlier on another thread, which has been idle since, lasts
+//! until that thread finishes a call through any breaker or exits.
 //!
 //! A failure, or any outcome while the window is not clean, takes the breaker's mutex
 //! (`parking_lot`), never held across an `.await`, the classifier or an event listener
@@ -132,7 +147,9 @@
 //! All `breakwater_circuit_breaker_*`, with a `name` label:
 //! `_state{state}` one gauge per state, 1 for the current and 0 for the others, all written
 //! on every transition; `_transitions_total{from,to}`; `_state_milliseconds_total{state}`,
-//! brought up to date at every transition and every snapshot; `_calls_total{outcome}` with
+//! brought up to date at every transition and every snapshot (each state's counter is the
+//! whole milliseconds of the total time spent in that state, kept in nanoseconds, so no
+//! period's sub-millisecond remainder is lost and it is within 1 ms of that total); `_calls_total{outcome}` with
 //! `success`, `failure`, `ignored` (as classified; cancelled calls are not counted) and
 //! `rejected`; `_slow_calls_total` (with slow-call detection on); `_failure_rate` and
 //! `_slow_call_rate`, updated as outcomes are recorded (and at snapshots); and, opt-in with

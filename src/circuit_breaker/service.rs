@@ -6,6 +6,7 @@ use tower::Service;
 use super::ResponseFuture;
 use super::core::Shared;
 use super::future::Guard;
+use super::spare::Owner;
 use crate::classify::Classify;
 use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
 
@@ -18,7 +19,7 @@ use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
 #[derive(Debug)]
 pub struct CircuitBreaker<S, C> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<Owner>,
     classifier: C,
 }
 
@@ -33,7 +34,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
 }
 
 impl<S, C> CircuitBreaker<S, C> {
-    pub(super) fn new(inner: S, shared: Arc<Shared>, classifier: C) -> Self {
+    pub(super) fn new(inner: S, shared: Arc<Owner>, classifier: C) -> Self {
         CircuitBreaker {
             inner,
             shared,

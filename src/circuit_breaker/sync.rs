@@ -2,13 +2,15 @@
 //! `cfg(loom)` so that the core can be checked exhaustively.
 
 #[cfg(not(loom))]
-pub(super) use std::sync::atomic::{AtomicU64, Ordering};
+pub(super) use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[cfg(loom)]
-pub(super) use loom::sync::atomic::{AtomicU64, Ordering};
+pub(super) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// A mutex whose `lock` returns the guard directly (a panic while it is held cannot leave the
-/// core half-updated: every update is completed before any user code runs).
+/// A mutex whose `lock` returns the guard directly (`parking_lot`'s mutex is not poisoned by
+/// a panic). The one user code run while it is held is the metrics recorder's handles
+/// (counters and gauges brought up to date during a transition): a recorder that panics there
+/// can leave that transition half-applied. Classifiers and event listeners run without it.
 #[derive(Debug)]
 pub(super) struct Mutex<T>(
     #[cfg(not(loom))] parking_lot::Mutex<T>,
