@@ -1241,6 +1241,7 @@ async fn bulkheads_sharing_a_name_overwrite_each_others_gauges_within_range() {
     for f in [&mut a, &mut b] {
         assert!(poll_once(f.as_mut()).is_ready());
     }
+    rec.assert_in_range("db", 2, 1);
     // The old instance wrote last: its own state (the waiter holds the last permit).
     assert_eq!(
         (

@@ -204,8 +204,11 @@ impl BulkheadBuilder {
     }
 
     /// The maximum number of calls waiting for a permit at once, in `1..=u32::MAX`
-    /// (default: no limit of our own, that is `u32::MAX`). A call finding the queue full is
-    /// rejected at once. Only meaningful with a positive [`max_wait`](Self::max_wait).
+    /// (4,294,967,295). Unset (the default), the queue has no limit of our own, which is
+    /// the same as `u32::MAX`, the most the permit word can count; a larger value, such as
+    /// `usize::MAX` on 64-bit targets, is a [`ConfigError`] (it is never clamped): leave
+    /// this unset for no limit. A call finding the queue full is rejected at once. Only
+    /// meaningful with a positive [`max_wait`](Self::max_wait).
     pub fn max_waiting(mut self, max: usize) -> Self {
         self.max_waiting = Some(max);
         self

@@ -5,7 +5,7 @@
 //! One `AtomicU64` holds the whole admission state: the low 32 bits count the *available*
 //! permits, the high 32 bits count the *queued* waiters. A mutex guards the queue itself (an
 //! index-linked list stored in a `Vec` whose slots are reused, so a steady-state queue
-//! allocates nothing).
+//! allocates nothing; the `Vec` grows to the longest queue seen and never shrinks).
 //!
 //! # Invariants
 //!
@@ -39,6 +39,16 @@
 //! lost and none is created. A release never adds a permit that is not held (each
 //! [`Permit`](super::future) is released exactly once, by its `Drop`).
 //!
+//! # No code of others under the mutex
+//!
+//! The semaphore calls nothing it does not own while the mutex is held: metric handles and
+//! event listeners are its caller's business (the caller runs them after each operation
+//! returns), and wakers are cloned, dropped and woken after unlocking (`poll_slot` clones
+//! a new waker between two short critical sections and checks the slot again, so a
+//! hand-off in between is collected). Each operation has completed its accounting, and its
+//! caller owns the resulting permit or slot through an RAII value, before such code runs:
+//! a panic there loses nothing, and code calling back into the bulkhead cannot deadlock.
+//!
 //! The `loom` tests at the end of this file check the argument: under `cfg(loom)` the
 //! atomic and the mutex are loom's, and every interleaving of releases, fast acquires,
 //! enqueues, hand-offs and withdrawals is explored; each must end with every permit back and
@@ -51,7 +61,8 @@
 //! with no lock. Under contention the word is one shared cache line written twice per call;
 //! on two cores that costs on the order of 100 ns per call, the price of any exact global
 //! concurrency limit (a sharded counter would either over-admit or need the same line to
-//! steal permits). Callers that queue take the mutex a bounded number of times.
+//! steal permits). A call that queues takes the mutex once to queue, at most twice per poll
+//! while queued, and once to withdraw; a release takes it only when someone queues.
 
 use std::sync::atomic::Ordering;
 use std::task::Waker;
