@@ -1542,3 +1542,29 @@ fn a_recorder_calling_back_into_the_bulkhead_does_not_deadlock() {
         .recv_timeout(Duration::from_secs(60))
         .expect("the call queued while the recorder called back into the bulkhead");
 }
+
+/// Outside a runtime with a time driver, a queued call cannot arm its timer: its first poll
+/// panics (as documented), and it leaves the queue as that panic unwinds, so the permit
+/// goes back to the free count when the holder is done, not to a slot nobody polls.
+#[test]
+fn a_queued_call_polled_without_a_time_driver_leaves_the_queue_as_it_panics() {
+    let probe = Probe::default();
+    let layer = BulkheadLayer::builder()
+        .max_concurrent_calls(1)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(probe.service());
+    let holder = call(&mut svc, 1, Job::Forever);
+    let mut waiter = call(&mut svc, 2, Job::Sleep(0));
+    assert_eq!(counts(&h), (1, 1, 0));
+    let caught = catch_unwind(AssertUnwindSafe(|| poll_once(waiter.as_mut())));
+    assert!(caught.is_err(), "no timer outside a runtime");
+    assert_eq!(counts(&h), (1, 0, 0));
+    drop(holder);
+    assert_eq!(counts(&h), (0, 0, 1));
+    let again = catch_unwind(AssertUnwindSafe(|| poll_once(waiter.as_mut())));
+    assert_eq!(panic_message(&*again.unwrap_err()), AFTER_PANIC);
+    assert_eq!(probe.calls.get(), 0);
+}
