@@ -985,8 +985,11 @@ type Hook = Box<dyn FnOnce() + Send>;
 #[derive(Clone, Default)]
 struct Tracking {
     rec: TestRecorder,
-    gauges: Arc<Mutex<Vec<(metrics::Key, Arc<Tracked>)>>>,
+    gauges: Arc<Mutex<TrackedGauges>>,
 }
+
+/// Every gauge registered so far, by key.
+type TrackedGauges = Vec<(metrics::Key, Arc<Tracked>)>;
 
 struct Tracked {
     inner: metrics::Gauge,
