@@ -51,13 +51,24 @@ struct Probe {
 
 type Inner = tower::util::BoxCloneSyncService<(u32, Job), u32, BoxError>;
 
-/// Keeps the expected panics of [`Job::Panic`] out of the test output; others print.
+/// The panics these tests cause on purpose (an inner service, a recorder, a listener, and
+/// the future polled after one of those).
+const EXPECTED_PANICS: [&str; 4] = [
+    "inner panicked",
+    "recorder panicked",
+    "listener panicked",
+    AFTER_PANIC,
+];
+const AFTER_PANIC: &str = "Bulkhead ResponseFuture polled after a panic";
+
+/// Keeps the expected panics out of the test output; others print.
 fn quiet_inner_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if info.payload().downcast_ref::<&str>() != Some(&"inner panicked") {
+            let msg = info.payload().downcast_ref::<&str>();
+            if !msg.is_some_and(|m| EXPECTED_PANICS.contains(m)) {
                 default(info);
             }
         }));
@@ -674,10 +685,10 @@ impl Rng {
 }
 
 /// Random sequences of calls (succeeding, failing, panicking, never ending), polls, drops
-/// and time advances: after every step the gauges equal the exact counts and stay within
-/// `0..=max`; in the end every permit is back.
+/// and time advances: after every step the gauges equal the exact counts; no update ever
+/// gives them a value outside `0..=max`; in the end every permit is back.
 async fn random_sequences(max_wait: Duration, max_waiting: Option<usize>, seed: u64) {
-    let rec = TestRecorder::default();
+    let rec = Tracking::default();
     let probe = Probe::default();
     let layer = rec.install_while(|| {
         let b = BulkheadLayer::builder()
@@ -692,7 +703,7 @@ async fn random_sequences(max_wait: Duration, max_waiting: Option<usize>, seed: 
     });
     let h = layer.handle();
     let mut svc = layer.layer(probe.service());
-    let g = |n| rec.gauge(n, &[("name", "default")]).unwrap();
+    let g = |n| rec.gauge(n, "default");
     let mut rng = Rng(seed);
     let mut live: Vec<Fut> = Vec::new();
     let mut finished: Vec<Fut> = Vec::new();
@@ -743,8 +754,12 @@ async fn random_sequences(max_wait: Duration, max_waiting: Option<usize>, seed: 
     drop(finished);
     assert_eq!(counts(&h), (0, 0, 3));
     assert_eq!((g(IN_FLIGHT), g(AVAILABLE), g(WAITING)), (0.0, 3.0, 0.0));
+    // Not only after each step: no update ever gave a gauge a value out of range.
+    let max_waiting = max_waiting.map_or(u32::MAX, |m| u32::try_from(m).unwrap());
+    rec.assert_in_range("default", 3, max_waiting);
     let c = |o| {
-        rec.counter(CALLS, &[("name", "default"), ("outcome", o)])
+        rec.rec
+            .counter(CALLS, &[("name", "default"), ("outcome", o)])
             .unwrap()
     };
     assert!(c("permitted") + c("rejected") <= id as u64);
@@ -835,8 +850,8 @@ async fn a_huge_max_wait_means_no_limit() {
 
 /// Real runtime, two worker threads: several services from one layer, many tasks. Counts
 /// only: concurrency at the inner service never exceeds the maximum, every call is either
-/// permitted or rejected, the gauges (sampled by another thread throughout) stay in range,
-/// and every permit is back at the end.
+/// permitted or rejected, the gauges (sampled by another thread throughout, and tracked on
+/// every update) stay in range and end exact, and every permit is back at the end.
 fn multi_thread_run(max_wait: Duration) -> (u64, u64, usize) {
     const MAX: usize = 4;
     const TASKS: u32 = 16;
@@ -846,7 +861,7 @@ fn multi_thread_run(max_wait: Duration) -> (u64, u64, usize) {
         .enable_time()
         .build()
         .unwrap();
-    let rec = TestRecorder::default();
+    let rec = Tracking::default();
     let layer = rec.install_while(|| {
         BulkheadLayer::builder()
             .name("mt")
@@ -880,7 +895,7 @@ fn multi_thread_run(max_wait: Duration) -> (u64, u64, usize) {
             let mut samples = 0u64;
             loop {
                 for n in [IN_FLIGHT, AVAILABLE] {
-                    let v = rec.gauge(n, &[("name", "mt")]).unwrap();
+                    let v = rec.gauge(n, "mt");
                     assert!((0.0..=MAX as f64).contains(&v), "{n} = {v}");
                 }
                 samples += 1;
@@ -925,13 +940,16 @@ fn multi_thread_run(max_wait: Duration) -> (u64, u64, usize) {
         let h = layer.handle();
         assert_eq!(counts(&h), (0, 0, MAX as u32));
         let c = |o| {
-            rec.counter(CALLS, &[("name", "mt"), ("outcome", o)])
+            rec.rec
+                .counter(CALLS, &[("name", "mt"), ("outcome", o)])
                 .unwrap()
         };
         assert_eq!((c("permitted"), c("rejected")), (reached.get(), rejected));
-        assert_eq!(rec.gauge(IN_FLIGHT, &[("name", "mt")]), Some(0.0));
-        assert_eq!(rec.gauge(AVAILABLE, &[("name", "mt")]), Some(MAX as f64));
-        assert_eq!(rec.gauge(WAITING, &[("name", "mt")]), Some(0.0));
+        assert_eq!(rec.gauge(IN_FLIGHT, "mt"), 0.0);
+        assert_eq!(rec.gauge(AVAILABLE, "mt"), MAX as f64);
+        assert_eq!(rec.gauge(WAITING, "mt"), 0.0);
+        // Every value ever written, not only the sampled ones.
+        rec.assert_in_range("mt", MAX as u32, TASKS);
     });
     assert!(sampler.join().unwrap() > 0);
     let p = peak.load(Ordering::SeqCst);
@@ -955,4 +973,601 @@ fn multi_thread_waiting_admits_every_call_and_never_exceeds_the_maximum() {
     // A maximum wait far longer than the run: nobody is rejected, everyone gets a permit.
     let (in_flight, rejected, _peak) = multi_thread_run(Duration::from_secs(3_600));
     assert_eq!((in_flight, rejected), (0, 0));
+}
+
+/// An action a [`Tracking`] recorder runs at the next update of a gauge.
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// A recorder that forwards everything to a [`TestRecorder`] and, for every gauge, tracks
+/// the lowest and highest value it was ever given (on every update, not only when read). A
+/// gauge can be armed with a [`Hook`] that runs once, at its next update, before the value
+/// is stored: a panic, or a call back into the bulkhead.
+#[derive(Clone, Default)]
+struct Tracking {
+    rec: TestRecorder,
+    gauges: Arc<Mutex<TrackedGauges>>,
+}
+
+/// Every gauge registered so far, by key.
+type TrackedGauges = Vec<(metrics::Key, Arc<Tracked>)>;
+
+struct Tracked {
+    inner: metrics::Gauge,
+    /// (value, min, max)
+    seen: Mutex<(f64, f64, f64)>,
+    hook: Mutex<Option<Hook>>,
+}
+
+impl Tracked {
+    fn update(&self, f: impl FnOnce(f64) -> f64) {
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        let mut seen = self.seen.lock().unwrap();
+        let v = f(seen.0);
+        *seen = (v, seen.1.min(v), seen.2.max(v));
+    }
+}
+
+impl metrics::GaugeFn for Tracked {
+    fn increment(&self, v: f64) {
+        self.update(|x| x + v);
+        self.inner.increment(v);
+    }
+    fn decrement(&self, v: f64) {
+        self.update(|x| x - v);
+        self.inner.decrement(v);
+    }
+    fn set(&self, v: f64) {
+        self.update(|_| v);
+        self.inner.set(v);
+    }
+}
+
+impl metrics::Recorder for Tracking {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, m: &metrics::Metadata<'_>) -> metrics::Counter {
+        self.rec.register_counter(key, m)
+    }
+
+    fn register_gauge(&self, key: &metrics::Key, m: &metrics::Metadata<'_>) -> metrics::Gauge {
+        let mut gauges = self.gauges.lock().unwrap();
+        // Same key, same series (as two instances sharing a name share it in a real recorder).
+        if let Some((_, g)) = gauges.iter().find(|(k, _)| k == key) {
+            return metrics::Gauge::from_arc(g.clone());
+        }
+        let tracked = Arc::new(Tracked {
+            inner: self.rec.register_gauge(key, m),
+            seen: Mutex::new((0.0, f64::INFINITY, f64::NEG_INFINITY)),
+            hook: Mutex::new(None),
+        });
+        gauges.push((key.clone(), tracked.clone()));
+        metrics::Gauge::from_arc(tracked)
+    }
+
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        m: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        self.rec.register_histogram(key, m)
+    }
+}
+
+impl Tracking {
+    fn install_while<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(self, f)
+    }
+
+    fn tracked(&self, gauge: &str, instance: &str) -> Arc<Tracked> {
+        let gauges = self.gauges.lock().unwrap();
+        let (_, g) = gauges
+            .iter()
+            .find(|(k, _)| {
+                k.name() == gauge
+                    && k.labels()
+                        .any(|l| l.key() == "name" && l.value() == instance)
+            })
+            .expect("gauge registered");
+        g.clone()
+    }
+
+    /// The gauge's current value, as the underlying recorder holds it.
+    fn gauge(&self, gauge: &str, instance: &str) -> f64 {
+        self.rec.gauge(gauge, &[("name", instance)]).unwrap()
+    }
+
+    /// The lowest and the highest value the gauge was ever given.
+    fn range(&self, gauge: &str, instance: &str) -> (f64, f64) {
+        let (_, lo, hi) = *self.tracked(gauge, instance).seen.lock().unwrap();
+        (lo, hi)
+    }
+
+    /// Asserts that the in-flight, available and waiting gauges were never given a value
+    /// outside `0..=max` (in-flight, available) or `0..=max_waiting` (waiting).
+    fn assert_in_range(&self, instance: &str, max: u32, max_waiting: u32) {
+        for (g, hi) in [(IN_FLIGHT, max), (AVAILABLE, max), (WAITING, max_waiting)] {
+            let (lo_seen, hi_seen) = self.range(g, instance);
+            assert!(
+                lo_seen >= 0.0 && hi_seen <= f64::from(hi),
+                "{g}{{name={instance}}} took values in {lo_seen}..={hi_seen}, outside 0..={hi}"
+            );
+        }
+    }
+
+    /// Runs `hook` once, at the next update of the gauge.
+    fn arm(&self, gauge: &str, instance: &str, hook: impl FnOnce() + Send + 'static) {
+        *self.tracked(gauge, instance).hook.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    /// Makes the next update of the gauge panic.
+    fn arm_panic(&self, gauge: &str, instance: &str) {
+        self.arm(gauge, instance, || panic!("recorder panicked"));
+    }
+}
+
+/// A waker that, when woken, polls a response future until it completes (inside `wake`),
+/// as an executor running the woken task at once on another thread could.
+struct RunOnWake {
+    fut: Mutex<Option<Fut>>,
+    result: Mutex<Option<u32>>,
+}
+
+impl std::task::Wake for RunOnWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut slot = self.fut.lock().unwrap();
+        if let Some(fut) = slot.as_mut() {
+            if let Poll::Ready(r) = poll_once(fut.as_mut()) {
+                *self.result.lock().unwrap() = Some(r.unwrap());
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Counts its wake-ups.
+#[derive(Default)]
+struct CountingWaker(AtomicUsize);
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn waiting_layer(rec: &Tracking, name: &str, max: usize, max_wait: Duration) -> BulkheadLayer {
+    rec.install_while(|| {
+        BulkheadLayer::builder()
+            .name(name)
+            .max_concurrent_calls(max)
+            .max_wait(max_wait)
+            .build()
+            .unwrap()
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hand_off_to_a_waiter_that_completes_inside_wake_keeps_every_gauge_in_range() {
+    let rec = Tracking::default();
+    let probe = Probe::default();
+    let layer = waiting_layer(&rec, "h", 1, Duration::from_secs(1));
+    let h = layer.handle();
+    let mut svc = layer.layer(probe.service());
+    let mut holder = call(&mut svc, 1, Job::Sleep(0));
+    let runner = Arc::new(RunOnWake {
+        fut: Mutex::new(Some(call(&mut svc, 2, Job::Sleep(0)))),
+        result: Mutex::new(None),
+    });
+    let waker = std::task::Waker::from(runner.clone());
+    {
+        let mut waiter = runner.fut.lock().unwrap();
+        let waiter = waiter.as_mut().unwrap().as_mut();
+        assert!(waiter.poll(&mut Context::from_waker(&waker)).is_pending());
+    }
+    assert_eq!(counts(&h), (1, 1, 0));
+    // The holder completes; the hand-off wakes the waiter, which runs to completion (and
+    // returns the permit) before the holder's release has returned.
+    assert_eq!(
+        poll_once(holder.as_mut()).map(Result::unwrap),
+        Poll::Ready(1)
+    );
+    assert_eq!(*runner.result.lock().unwrap(), Some(2));
+    assert_eq!(counts(&h), (0, 0, 1));
+    rec.assert_in_range("h", 1, 1);
+    assert_eq!(
+        (
+            rec.gauge(IN_FLIGHT, "h"),
+            rec.gauge(AVAILABLE, "h"),
+            rec.gauge(WAITING, "h")
+        ),
+        (0.0, 1.0, 0.0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn bulkheads_sharing_a_name_overwrite_each_others_gauges_within_range() {
+    let rec = Tracking::default();
+    let probe = Probe::default();
+    let old = waiting_layer(&rec, "db", 2, Duration::from_secs(1));
+    let mut old_svc = old.layer(probe.service());
+    let mut a = call(&mut old_svc, 1, Job::Sleep(10));
+    let mut b = call(&mut old_svc, 2, Job::Sleep(10));
+    let mut w = call(&mut old_svc, 3, Job::Sleep(10));
+    for f in [&mut a, &mut b, &mut w] {
+        assert!(poll_once(f.as_mut()).is_pending());
+    }
+    assert_eq!(counts(&old.handle()), (2, 1, 0));
+    // A configuration reload: the same name is built again while the old calls run, and
+    // both serve calls for a while.
+    let new = waiting_layer(&rec, "db", 2, Duration::from_secs(1));
+    let mut new_svc = new.layer(probe.service());
+    assert_eq!(
+        (rec.gauge(IN_FLIGHT, "db"), rec.gauge(AVAILABLE, "db")),
+        (0.0, 2.0)
+    );
+    let mut c = call(&mut new_svc, 4, Job::Sleep(30));
+    assert!(poll_once(c.as_mut()).is_pending());
+    // The last writer wins: the new instance's state.
+    assert_eq!(
+        (rec.gauge(IN_FLIGHT, "db"), rec.gauge(AVAILABLE, "db")),
+        (1.0, 1.0)
+    );
+    advance(Duration::from_millis(10)).await;
+    for f in [&mut a, &mut b] {
+        assert!(poll_once(f.as_mut()).is_ready());
+    }
+    rec.assert_in_range("db", 2, 1);
+    // The old instance wrote last: its own state (the waiter holds the last permit).
+    assert_eq!(
+        (
+            rec.gauge(IN_FLIGHT, "db"),
+            rec.gauge(AVAILABLE, "db"),
+            rec.gauge(WAITING, "db")
+        ),
+        (1.0, 1.0, 0.0)
+    );
+    assert!(poll_once(w.as_mut()).is_pending());
+    advance(Duration::from_millis(10)).await;
+    assert!(poll_once(w.as_mut()).is_ready());
+    assert_eq!(counts(&old.handle()), (0, 0, 2));
+    advance(Duration::from_millis(10)).await;
+    assert!(poll_once(c.as_mut()).is_ready());
+    assert_eq!(counts(&new.handle()), (0, 0, 2));
+    assert_eq!(probe.order(), vec![1, 2, 4, 3]);
+    rec.assert_in_range("db", 2, 1);
+    assert_eq!(
+        (
+            rec.gauge(IN_FLIGHT, "db"),
+            rec.gauge(AVAILABLE, "db"),
+            rec.gauge(WAITING, "db")
+        ),
+        (0.0, 2.0, 0.0)
+    );
+}
+
+/// An inner service that panics once, in `poll_ready`, in `call` or in its future's
+/// `poll`, and counts every time it is reached.
+#[derive(Clone)]
+struct Bomb {
+    at: &'static str,
+    armed: Arc<AtomicBool>,
+    reached: Count,
+}
+
+struct BombFuture {
+    bomb: Bomb,
+    x: u32,
+}
+
+impl Bomb {
+    fn reach(&self, here: &str) {
+        self.reached.incr();
+        if self.at == here && self.armed.swap(false, Ordering::SeqCst) {
+            panic!("inner panicked");
+        }
+    }
+}
+
+impl Service<u32> for Bomb {
+    type Response = u32;
+    type Error = BoxError;
+    type Future = BombFuture;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.reach("poll_ready");
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, x: u32) -> BombFuture {
+        self.reach("call");
+        BombFuture {
+            bomb: self.clone(),
+            x,
+        }
+    }
+}
+
+impl Future for BombFuture {
+    type Output = Result<u32, BoxError>;
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        self.bomb.reach("future");
+        Poll::Ready(Ok(self.x))
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("?")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_future_polled_again_after_an_inner_panic_never_reaches_the_inner_service() {
+    quiet_inner_panics();
+    for at in ["poll_ready", "call", "future"] {
+        let layer = BulkheadLayer::new(1).unwrap();
+        let h = layer.handle();
+        let bomb = Bomb {
+            at,
+            armed: Arc::new(AtomicBool::new(true)),
+            reached: Count::default(),
+        };
+        let mut svc = layer.layer(bomb.clone());
+        let mut fut = Box::pin(svc.call(1));
+        let caught = catch_unwind(AssertUnwindSafe(|| poll_once(fut.as_mut())));
+        assert!(caught.is_err(), "{at}");
+        assert_eq!(
+            counts(&h),
+            (0, 0, 1),
+            "{at}: the permit went back as it unwound"
+        );
+        let reached = bomb.reached.get();
+        // The permit is taken by another call; the panicked future is polled again.
+        let mut other = Box::pin(svc.call(2));
+        assert_eq!(counts(&h), (1, 0, 0));
+        let again = catch_unwind(AssertUnwindSafe(|| poll_once(fut.as_mut())));
+        let again = again.expect_err("a future that panicked panics when polled again");
+        assert_eq!(panic_message(&*again), AFTER_PANIC, "{at}");
+        assert_eq!(
+            bomb.reached.get(),
+            reached,
+            "{at}: inner reached without a permit"
+        );
+        assert_eq!(counts(&h), (1, 0, 0), "{at}");
+        drop(fut);
+        assert_eq!(counts(&h), (1, 0, 0), "{at}: nothing released twice");
+        assert_eq!(
+            poll_once(other.as_mut()).map(Result::unwrap),
+            Poll::Ready(2)
+        );
+        assert_eq!(counts(&h), (0, 0, 1), "{at}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_future_polled_again_after_a_panic_never_takes_another_callers_permit() {
+    quiet_inner_panics();
+    let armed = Arc::new(AtomicBool::new(true));
+    let fuse = armed.clone();
+    let probe = Probe::default();
+    let layer = BulkheadLayer::builder()
+        .max_concurrent_calls(1)
+        .max_wait(Duration::from_millis(10))
+        .on_event(move |_| {
+            if fuse.swap(false, Ordering::SeqCst) {
+                panic!("listener panicked");
+            }
+        })
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(probe.service());
+    let mut holder = call(&mut svc, 1, Job::Forever);
+    assert!(poll_once(holder.as_mut()).is_pending());
+    let mut first = call(&mut svc, 2, Job::Sleep(0));
+    assert!(poll_once(first.as_mut()).is_pending());
+    advance(Duration::from_millis(10)).await;
+    // Its deadline passes; the listener of the rejection panics.
+    let caught = catch_unwind(AssertUnwindSafe(|| poll_once(first.as_mut())));
+    assert!(caught.is_err());
+    assert!(!armed.load(Ordering::SeqCst));
+    assert_eq!(counts(&h), (1, 0, 0));
+    // A second waiter queues (in the slot the first one left) and is handed the permit.
+    let mut second = call(&mut svc, 3, Job::Sleep(0));
+    assert!(poll_once(second.as_mut()).is_pending());
+    assert_eq!(counts(&h), (1, 1, 0));
+    drop(holder);
+    assert_eq!(counts(&h), (1, 0, 0));
+    let again = catch_unwind(AssertUnwindSafe(|| poll_once(first.as_mut())));
+    let again = again.expect_err("a future that panicked panics when polled again");
+    assert_eq!(panic_message(&*again), AFTER_PANIC);
+    assert_eq!(
+        poll_once(second.as_mut()).map(Result::unwrap),
+        Poll::Ready(3),
+        "the permit handed to the second waiter stays its own"
+    );
+    assert_eq!(probe.order(), vec![1, 3]);
+    assert_eq!(counts(&h), (0, 0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recorder_panicking_as_a_call_queues_leaves_no_orphan_in_the_queue() {
+    quiet_inner_panics();
+    let rec = Tracking::default();
+    let probe = Probe::default();
+    let layer = waiting_layer(&rec, "r", 1, Duration::from_secs(1));
+    let h = layer.handle();
+    let mut svc = layer.layer(probe.service());
+    let mut holder = call(&mut svc, 1, Job::Sleep(5));
+    assert!(poll_once(holder.as_mut()).is_pending());
+    rec.arm_panic(WAITING, "r");
+    let caught = catch_unwind(AssertUnwindSafe(|| call(&mut svc, 2, Job::Sleep(0))));
+    assert!(caught.is_err());
+    assert_eq!(
+        counts(&h),
+        (1, 0, 0),
+        "the call that panicked left the queue"
+    );
+    advance(Duration::from_millis(5)).await;
+    assert_eq!(
+        poll_once(holder.as_mut()).map(Result::unwrap),
+        Poll::Ready(1)
+    );
+    assert_eq!(
+        counts(&h),
+        (0, 0, 1),
+        "the permit went back, not to a lost slot"
+    );
+    let mut next = call(&mut svc, 3, Job::Sleep(0));
+    assert_eq!(poll_once(next.as_mut()).map(Result::unwrap), Poll::Ready(3));
+    assert_eq!(probe.order(), vec![1, 3]);
+    rec.assert_in_range("r", 1, 1);
+    assert_eq!(
+        (
+            rec.gauge(IN_FLIGHT, "r"),
+            rec.gauge(AVAILABLE, "r"),
+            rec.gauge(WAITING, "r")
+        ),
+        (0.0, 1.0, 0.0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recorder_panicking_as_a_permit_is_returned_leaks_no_permit() {
+    quiet_inner_panics();
+    for gauge in [IN_FLIGHT, AVAILABLE] {
+        let rec = Tracking::default();
+        let probe = Probe::default();
+        let layer = waiting_layer(&rec, "r", 1, Duration::ZERO);
+        let h = layer.handle();
+        let mut svc = layer.layer(probe.service());
+        let mut fut = call(&mut svc, 1, Job::Sleep(0));
+        rec.arm_panic(gauge, "r");
+        let caught = catch_unwind(AssertUnwindSafe(|| poll_once(fut.as_mut())));
+        assert!(caught.is_err(), "{gauge}");
+        assert_eq!(counts(&h), (0, 0, 1), "{gauge}: the permit is back");
+        let mut next = call(&mut svc, 2, Job::Sleep(0));
+        assert_eq!(poll_once(next.as_mut()).map(Result::unwrap), Poll::Ready(2));
+        assert_eq!(counts(&h), (0, 0, 1));
+        rec.assert_in_range("r", 1, 0);
+        assert_eq!(
+            (rec.gauge(IN_FLIGHT, "r"), rec.gauge(AVAILABLE, "r")),
+            (0.0, 1.0)
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recorder_panicking_at_a_hand_off_still_wakes_the_waiter() {
+    quiet_inner_panics();
+    let rec = Tracking::default();
+    let probe = Probe::default();
+    let layer = waiting_layer(&rec, "r", 1, Duration::MAX);
+    let h = layer.handle();
+    let mut svc = layer.layer(probe.service());
+    let mut holder = call(&mut svc, 1, Job::Sleep(5));
+    assert!(poll_once(holder.as_mut()).is_pending());
+    let mut waiter = call(&mut svc, 2, Job::Sleep(0));
+    let woken = Arc::new(CountingWaker::default());
+    let waker = std::task::Waker::from(woken.clone());
+    assert!(
+        waiter
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending()
+    );
+    advance(Duration::from_millis(5)).await;
+    rec.arm_panic(WAITING, "r");
+    let caught = catch_unwind(AssertUnwindSafe(|| poll_once(holder.as_mut())));
+    assert!(caught.is_err());
+    assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the waiter was woken");
+    assert_eq!(counts(&h), (1, 0, 0), "handed to the waiter");
+    assert_eq!(
+        poll_once(waiter.as_mut()).map(Result::unwrap),
+        Poll::Ready(2)
+    );
+    assert_eq!(counts(&h), (0, 0, 1));
+    rec.assert_in_range("r", 1, 1);
+}
+
+/// A recorder whose gauge calls back into the bulkhead (here: drops a queued call, which
+/// leaves the queue) must not deadlock. Run on a thread watched by the test thread, so a
+/// deadlock fails the test instead of hanging it.
+#[test]
+fn a_recorder_calling_back_into_the_bulkhead_does_not_deadlock() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rec = Tracking::default();
+        let probe = Probe::default();
+        let layer = waiting_layer(&rec, "re", 1, Duration::from_secs(1));
+        let h = layer.handle();
+        let mut svc = layer.layer(probe.service());
+        let _holder = call(&mut svc, 1, Job::Forever);
+        let queued = Arc::new(Mutex::new(Some(call(&mut svc, 2, Job::Sleep(0)))));
+        assert_eq!(counts(&h), (1, 1, 0));
+        let victim = queued.clone();
+        rec.arm(WAITING, "re", move || drop(victim.lock().unwrap().take()));
+        // Queueing the third call updates the waiting gauge, which drops the second call.
+        let _third = call(&mut svc, 3, Job::Sleep(0));
+        assert!(queued.lock().unwrap().is_none());
+        assert_eq!(counts(&h), (1, 1, 0));
+        assert_eq!(rec.gauge(WAITING, "re"), 1.0);
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the call queued while the recorder called back into the bulkhead");
+}
+
+/// Outside a runtime with a time driver, a queued call cannot arm its timer: its first poll
+/// panics (as documented), and it leaves the queue as that panic unwinds, so the permit
+/// goes back to the free count when the holder is done, not to a slot nobody polls.
+#[test]
+fn a_queued_call_polled_without_a_time_driver_leaves_the_queue_as_it_panics() {
+    let probe = Probe::default();
+    let layer = BulkheadLayer::builder()
+        .max_concurrent_calls(1)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(probe.service());
+    let holder = call(&mut svc, 1, Job::Forever);
+    let mut waiter = call(&mut svc, 2, Job::Sleep(0));
+    assert_eq!(counts(&h), (1, 1, 0));
+    let caught = catch_unwind(AssertUnwindSafe(|| poll_once(waiter.as_mut())));
+    assert!(caught.is_err(), "no timer outside a runtime");
+    assert_eq!(counts(&h), (1, 0, 0));
+    drop(holder);
+    assert_eq!(counts(&h), (0, 0, 1));
+    let again = catch_unwind(AssertUnwindSafe(|| poll_once(waiter.as_mut())));
+    assert_eq!(panic_message(&*again.unwrap_err()), AFTER_PANIC);
+    assert_eq!(probe.calls.get(), 0);
 }

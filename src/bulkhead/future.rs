@@ -82,13 +82,16 @@ impl Ticket {
     /// kept (the call goes ahead); otherwise the call is rejected.
     fn give_up(&mut self) -> Result<Permit, BreakwaterError> {
         self.live = false;
-        let granted = self.shared.sem.withdraw(self.slot).then(|| {
+        if self.shared.sem.withdraw(self.slot) {
+            // Owned by an RAII value before any other code runs.
             let permit = Permit::new(self.shared.clone());
+            self.record_wait();
             self.shared.on_granted();
-            permit
-        });
+            return Ok(permit);
+        }
+        self.shared.publish_waiting();
         self.record_wait();
-        granted.ok_or_else(|| self.shared.reject())
+        Err(self.shared.reject())
     }
 }
 
@@ -99,6 +102,8 @@ impl Drop for Ticket {
             if self.shared.sem.withdraw(self.slot) {
                 // Handed a permit nobody will use: return it at once.
                 drop(Permit::new(self.shared.clone()));
+            } else {
+                self.shared.publish_waiting();
             }
             self.record_wait();
         }
@@ -108,10 +113,12 @@ impl Drop for Ticket {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
-        // Queued for a permit (until the ticket's deadline).
-        Waiting { ticket: Ticket },
-        // A permit is held: waiting for the inner clone's readiness.
+        // Queued for a permit (until the ticket's deadline). The ticket is out of its place
+        // only while a poll runs: found missing, that poll panicked.
+        Waiting { ticket: Option<Ticket> },
+        // A permit is held (in `permit`): waiting for the inner clone's readiness.
         Ready,
+        // A permit is held (in `permit`) while the inner future runs.
         Called { #[pin] fut: F },
         // Boxed at once: it is returned boxed, and the happy path's future stays small.
         Rejected { err: Option<Box<BreakwaterError>> },
@@ -125,12 +132,23 @@ pin_project! {
     /// Resolves to the inner response, the inner error (boxed), or a [`BreakwaterError`] of
     /// kind [`ErrorKind::BulkheadFull`](crate::error::ErrorKind::BulkheadFull). Holds its
     /// permit (or its place in the queue) from `call` until the inner response completes,
-    /// the inner readiness fails, or this future is dropped, whichever comes first; a panic
-    /// in the inner service releases it too.
+    /// the inner readiness fails, or this future is dropped, whichever comes first. A panic
+    /// unwinding through `poll` (from the inner service, a metrics recorder, an event
+    /// listener or the timer) releases them too, as it unwinds.
+    ///
+    /// A queued call's maximum wait counts from `call`, but its timer is armed at its first
+    /// poll and the deadline is observed only while it is polled: a queued future that is
+    /// never polled keeps its place in the queue (and a permit handed to it) until it is
+    /// polled or dropped.
     ///
     /// # Panics
     ///
-    /// When polled again after it returned `Ready`.
+    /// - When polled again after it returned `Ready`.
+    /// - When polled again after a poll that panicked: it never reaches the inner service
+    ///   again (its permit went back as the panic unwound), and drops the inner future.
+    /// - When a queued call with a finite maximum wait is polled outside a tokio runtime
+    ///   whose time driver is enabled (it arms a `tokio::time` timer); its place in the
+    ///   queue is given up as that panic unwinds.
     pub struct ResponseFuture<S, Req>
     where
         S: Service<Req>,
@@ -178,7 +196,9 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
 
     pub(super) fn queued(svc: S, req: Req, ticket: Ticket) -> Self {
         ResponseFuture {
-            state: State::Waiting { ticket },
+            state: State::Waiting {
+                ticket: Some(ticket),
+            },
             sleep: None,
             svc: Some(svc),
             req: Some(req),
@@ -208,16 +228,28 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        // Whatever this poll holds (its ticket or its permit) is moved into a local while
+        // code of others runs: a panic unwinding through the poll drops it, which leaves
+        // the queue or returns the permit at once, and leaves the future without it, which
+        // the next poll detects: a future that panicked never reaches the inner service
+        // again (it would do so without a permit).
         loop {
             match this.state.as_mut().project() {
                 StateProj::Waiting { ticket } => {
+                    let Some(mut held) = ticket.take() else {
+                        this.state.set(State::Done);
+                        *this.svc = None;
+                        *this.req = None;
+                        *this.sleep = None;
+                        polled_after_panic()
+                    };
                     let sleep = &mut *this.sleep;
                     // A permit handed over wins over a deadline reached in the same poll.
-                    let permit = match ticket.poll(cx) {
+                    let permit = match held.poll(cx) {
                         Some(permit) => permit,
                         None => {
                             if sleep.is_none() {
-                                if let Some(d) = ticket.deadline() {
+                                if let Some(d) = held.deadline() {
                                     *sleep = Some(Box::pin(tokio::time::sleep_until(d)));
                                 }
                             }
@@ -225,13 +257,15 @@ where
                                 .as_mut()
                                 .is_some_and(|s| s.as_mut().poll(cx).is_ready());
                             if !expired {
+                                *ticket = Some(held);
                                 return Poll::Pending;
                             }
-                            match ticket.give_up() {
+                            match held.give_up() {
                                 Ok(permit) => permit,
                                 Err(err) => {
                                     this.state.set(State::Done);
                                     *this.svc = None;
+                                    *this.sleep = None;
                                     return Poll::Ready(Err(Box::new(err)));
                                 }
                             }
@@ -242,16 +276,19 @@ where
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
+                    let Some(permit) = this.permit.take() else {
+                        this.state.set(State::Done);
+                        *this.svc = None;
+                        *this.req = None;
+                        polled_after_panic()
+                    };
                     let svc = this
                         .svc
                         .as_mut()
                         .expect("inner service present until called");
-                    // Held in a local while inner code runs: a panic unwinding through
-                    // this poll drops it, which returns the permit.
-                    let permit = this.permit.take();
                     match svc.poll_ready(cx) {
                         Poll::Pending => {
-                            *this.permit = permit;
+                            *this.permit = Some(permit);
                             return Poll::Pending;
                         }
                         Poll::Ready(Err(e)) => {
@@ -263,17 +300,20 @@ where
                         Poll::Ready(Ok(())) => {
                             let req = this.req.take().expect("request present until called");
                             let fut = svc.call(req);
-                            *this.permit = permit;
+                            *this.permit = Some(permit);
                             *this.svc = None;
                             this.state.set(State::Called { fut });
                         }
                     }
                 }
                 StateProj::Called { fut } => {
-                    let permit = this.permit.take();
+                    let Some(permit) = this.permit.take() else {
+                        this.state.set(State::Done);
+                        polled_after_panic()
+                    };
                     return match fut.poll(cx) {
                         Poll::Pending => {
-                            *this.permit = permit;
+                            *this.permit = Some(permit);
                             Poll::Pending
                         }
                         Poll::Ready(result) => {
@@ -294,4 +334,11 @@ where
             }
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn polled_after_panic() -> ! {
+    panic!("Bulkhead ResponseFuture polled after a panic")
 }

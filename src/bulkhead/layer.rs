@@ -21,6 +21,7 @@ use crate::snapshot::Snapshot;
 pub(super) struct BulkheadMetrics {
     in_flight: Gauge,
     available: Gauge,
+    waiting: Gauge,
     permitted: Counter,
     rejected: Counter,
     pub(super) wait: Option<Histogram>,
@@ -53,6 +54,9 @@ pub(super) struct Shared {
 
 impl Shared {
     /// Admits a call (`call` time): a free permit, else the queue, else a rejection.
+    ///
+    /// The permit or the place in the queue is owned by its RAII value before any metric
+    /// handle runs, so a panicking recorder cannot leak it.
     #[inline]
     pub(super) fn admit(self: &Arc<Self>) -> Admission {
         if self.sem.try_acquire() {
@@ -75,6 +79,7 @@ impl Shared {
                 }
                 Enqueue::Queued(slot) => {
                     let ticket = Ticket::new(self.clone(), slot, clock::now());
+                    self.publish_waiting();
                     return Admission::Queued(ticket);
                 }
                 Enqueue::Full => {}
@@ -83,30 +88,67 @@ impl Shared {
         Admission::Rejected(self.reject())
     }
 
-    /// A free permit was taken: count it. Gauges move *after* the permit is taken, so they
-    /// never show more in flight than are held.
+    /// A free permit was taken: publish the gauges and count it.
     #[inline]
     fn on_acquired(&self) {
-        self.metrics.in_flight.increment(1.0);
-        self.metrics.available.decrement(1.0);
+        self.publish_permits();
         self.metrics.permitted.increment(1);
     }
 
-    /// A queued caller collected the permit handed to it (gauges already count it).
+    /// A queued caller collected the permit handed to it (the gauges already count it).
     pub(super) fn on_granted(&self) {
         self.metrics.permitted.increment(1);
     }
 
-    /// Returns a held permit. Gauges move *before* the permit becomes free, so they never
-    /// show a permit free that is still held; a hand-off to a waiter keeps it counted.
+    /// Returns a held permit: to the oldest waiter if any (waking it), else to the free
+    /// count; then publishes the gauges that changed. The permit is returned before any
+    /// metric handle runs, so a panicking recorder cannot leak it.
     #[inline]
     pub(super) fn release(&self) {
-        self.metrics.in_flight.decrement(1.0);
-        self.metrics.available.increment(1.0);
-        if !self.sem.release() {
-            // Handed to the head waiter: still held.
-            self.metrics.in_flight.increment(1.0);
-            self.metrics.available.decrement(1.0);
+        if self.sem.release() {
+            self.publish_permits();
+        } else {
+            // Handed to the head waiter: still held, one caller fewer queues.
+            self.publish_waiting();
+        }
+    }
+
+    /// Publishes `in_flight` and `available` after a change of the free count.
+    ///
+    /// The gauges are never adjusted relatively: each write is the absolute value of the
+    /// free count read *after* the change (`in_flight = max - free`, `available = free`),
+    /// so every value written is one the bulkhead really had, within `0..=max`, whatever
+    /// the interleaving, and instances sharing a name overwrite each other instead of
+    /// adding up. Concurrent writers can finish in any order, so after writing, the count
+    /// is read again and the write repeated if it changed: whoever changes the count last
+    /// writes last. (With recorders whose gauge writes are atomic read-modify-writes, as in
+    /// the `metrics` crate's atomic storage, this is exact: a writer whose value was
+    /// overtaken is ordered after the overtaking change and sees it on its second read.)
+    #[inline]
+    fn publish_permits(&self) {
+        let mut free = self.sem.available();
+        loop {
+            self.metrics.in_flight.set(f64::from(self.max - free));
+            self.metrics.available.set(f64::from(free));
+            let now = self.sem.available();
+            if now == free {
+                return;
+            }
+            free = now;
+        }
+    }
+
+    /// Publishes `waiting` after a change of the queue length, as
+    /// [`publish_permits`](Self::publish_permits) does for the permits.
+    pub(super) fn publish_waiting(&self) {
+        let mut queued = self.sem.waiting();
+        loop {
+            self.metrics.waiting.set(f64::from(queued));
+            let now = self.sem.waiting();
+            if now == queued {
+                return;
+            }
+            queued = now;
         }
     }
 
@@ -162,8 +204,11 @@ impl BulkheadBuilder {
     }
 
     /// The maximum number of calls waiting for a permit at once, in `1..=u32::MAX`
-    /// (default: no limit of our own, that is `u32::MAX`). A call finding the queue full is
-    /// rejected at once. Only meaningful with a positive [`max_wait`](Self::max_wait).
+    /// (4,294,967,295). Unset (the default), the queue has no limit of our own, which is
+    /// the same as `u32::MAX`, the most the permit word can count; a larger value, such as
+    /// `usize::MAX` on 64-bit targets, is a [`ConfigError`] (it is never clamped): leave
+    /// this unset for no limit. A call finding the queue full is rejected at once. Only
+    /// meaningful with a positive [`max_wait`](Self::max_wait).
     pub fn max_waiting(mut self, max: usize) -> Self {
         self.max_waiting = Some(max);
         self
@@ -206,9 +251,12 @@ impl BulkheadBuilder {
         in_flight.set(0.0);
         let available = reg.gauge(&names::BULKHEAD_AVAILABLE, &[]);
         available.set(f64::from(max));
+        let waiting = reg.gauge(&names::BULKHEAD_WAITING, &[]);
+        waiting.set(0.0);
         let metrics = BulkheadMetrics {
             in_flight,
             available,
+            waiting,
             permitted: reg.counter(&names::BULKHEAD_CALLS, &[("outcome", "permitted")]),
             rejected: reg.counter(&names::BULKHEAD_CALLS, &[("outcome", "rejected")]),
             wait: reg
@@ -220,7 +268,7 @@ impl BulkheadBuilder {
             max,
             max_wait: (!self.max_wait.is_zero()).then_some(self.max_wait),
             max_waiting,
-            sem: Semaphore::new(max, reg.gauge(&names::BULKHEAD_WAITING, &[])),
+            sem: Semaphore::new(max),
             metrics,
             events: self.common.events(LayerKind::Bulkhead),
             rejected: AtomicU64::new(0),

@@ -52,12 +52,17 @@
 //! - **The wait** is bounded by `max_wait` from `call`; a queued call still without a permit
 //!   then is rejected with `BulkheadFull` and leaves the queue. A permit handed to it before
 //!   it observes its deadline is used (the call goes ahead). Tokio rounds the deadline up
-//!   to the next millisecond.
+//!   to the next millisecond. The deadline is observed by polling the response future (its
+//!   `tokio::time` timer is armed at the first poll, which therefore needs a runtime with
+//!   the time driver): a queued future that is never polled keeps its place, and a permit
+//!   handed to it, until it is polled or dropped.
 //! - **Release.** A permit is held until the inner response future *completes* (with a
 //!   response or an error), or the inner readiness fails, or the response future is dropped
 //!   at any point, whichever comes first: not until the caller drops a finished future.
-//!   Dropping the response future mid-flight drops the inner future with it. A panic in the
-//!   inner service unwinding through `poll` returns the permit as it unwinds.
+//!   Dropping the response future mid-flight drops the inner future with it. A panic
+//!   unwinding through `poll` (inner service, metrics recorder, event listener, timer)
+//!   returns the permit, or leaves the queue, as it unwinds; a response future polled again
+//!   after such a panic panics itself and never reaches the inner service again.
 //! - **Giving up never leaks.** A queued call that times out or is dropped leaves the queue
 //!   at once, so it is never handed a permit afterwards; a permit handed to it just before is
 //!   returned (to the next waiter, or to the free count). See the argument in the
@@ -78,9 +83,12 @@
 //!
 //! A call that finds a permit free takes no lock, reads no clock and allocates nothing: one
 //! compare-and-swap on the permit word in `call`, one when the permit is returned, and the
-//! reference count of the shared state. A queued call takes a mutex a few times and reads
-//! the clock once; its queue slot is reused from a free list, so a steady queue allocates
-//! no slots (the slot vector grows only when the queue is longer than ever before), and
+//! reference count of the shared state. A queued call takes the queue's mutex once to
+//! queue, at most twice per poll while it waits and once more to leave the queue early,
+//! and reads the clock once; its queue slot is reused from a free list, so a steady queue
+//! allocates no slots (the slot vector grows only when the queue is longer than ever
+//! before, and never shrinks: it keeps the high-water mark of the queue length, a few
+//! dozen bytes per slot), and
 //! tokio's task wakers are reference counts. The one allocation of the waiting path is the
 //! queued call's timer (a boxed `tokio::time::Sleep`, about 100 bytes), made at its first
 //! poll when it has a finite maximum wait: held inline, the timer would make every call's
@@ -96,7 +104,10 @@
 //! (take a free permit; return a permit) only succeed when the same word says nobody queues,
 //! and every change of the queue length happens under the mutex by a compare-and-swap on
 //! that word, so a permit is never free while someone queues, never handed to a call that
-//! left the queue, and never counted twice. The argument is stated in full in the source of
+//! left the queue, and never counted twice. No code of others runs while the mutex is held
+//! (metric handles, event listeners, wakers run after unlocking, and a permit or a place in
+//! the queue is owned by an RAII value before they run), so a recorder or listener that
+//! panics, or calls back into the bulkhead, neither loses a permit nor deadlocks. The argument is stated in full in the source of
 //! the `semaphore` module and checked there with [loom](https://docs.rs/loom) under
 //! `cfg(loom)` (every interleaving of releases, fast acquires, enqueues, hand-offs and
 //! withdrawals ends with every permit back); the multi-thread tests assert the same counts
@@ -112,9 +123,17 @@
 //!
 //! - `breakwater_bulkhead_in_flight{name}`, `breakwater_bulkhead_available_permits{name}`,
 //!   `breakwater_bulkhead_max_permits{name}`, `breakwater_bulkhead_waiting{name}` (gauges,
-//!   counts). The in-flight and available gauges move *after* a permit is taken and
-//!   *before* it is returned, so whatever the interleaving of completions, errors, drops and
-//!   panics they stay within `0..=max_concurrent_calls`.
+//!   counts). They are never adjusted relatively: after each change of the permit word
+//!   (the only shared state a call writes), the gauges that change are *set* to values
+//!   derived from the word read after the change: `in_flight = max - free`,
+//!   `available = free`, `waiting = queued`. Every value written is therefore one the
+//!   bulkhead really held, within `0..=max_concurrent_calls` whatever the interleaving of
+//!   completions, errors, drops and panics; a writer then reads the word again and writes
+//!   again if it changed meanwhile, so the gauges end exact when calls stop. Two instances
+//!   with the same name (a configuration reload, say) write the same series: the last
+//!   writer's values show, each in range, never a sum. The gauge writes are those of the
+//!   relative updates they replace (two per acquire or release, fewer than before on a
+//!   hand-off), plus a read of the word that the call has just written.
 //! - `breakwater_bulkhead_calls_total{name, outcome}` with `outcome` `permitted` (got a
 //!   permit, at once or after queueing) or `rejected`. A queued call dropped by its caller
 //!   before it got a permit counts as neither.

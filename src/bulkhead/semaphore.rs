@@ -5,7 +5,7 @@
 //! One `AtomicU64` holds the whole admission state: the low 32 bits count the *available*
 //! permits, the high 32 bits count the *queued* waiters. A mutex guards the queue itself (an
 //! index-linked list stored in a `Vec` whose slots are reused, so a steady-state queue
-//! allocates nothing).
+//! allocates nothing; the `Vec` grows to the longest queue seen and never shrinks).
 //!
 //! # Invariants
 //!
@@ -39,6 +39,16 @@
 //! lost and none is created. A release never adds a permit that is not held (each
 //! [`Permit`](super::future) is released exactly once, by its `Drop`).
 //!
+//! # No code of others under the mutex
+//!
+//! The semaphore calls nothing it does not own while the mutex is held: metric handles and
+//! event listeners are its caller's business (the caller runs them after each operation
+//! returns), and wakers are cloned, dropped and woken after unlocking (`poll_slot` clones
+//! a new waker between two short critical sections and checks the slot again, so a
+//! hand-off in between is collected). Each operation has completed its accounting, and its
+//! caller owns the resulting permit or slot through an RAII value, before such code runs:
+//! a panic there loses nothing, and code calling back into the bulkhead cannot deadlock.
+//!
 //! The `loom` tests at the end of this file check the argument: under `cfg(loom)` the
 //! atomic and the mutex are loom's, and every interleaving of releases, fast acquires,
 //! enqueues, hand-offs and withdrawals is explored; each must end with every permit back and
@@ -51,12 +61,12 @@
 //! with no lock. Under contention the word is one shared cache line written twice per call;
 //! on two cores that costs on the order of 100 ns per call, the price of any exact global
 //! concurrency limit (a sharded counter would either over-admit or need the same line to
-//! steal permits). Callers that queue take the mutex a bounded number of times.
+//! steal permits). A call that queues takes the mutex once to queue, at most twice per poll
+//! while queued, and once to withdraw; a release takes it only when someone queues.
 
 use std::sync::atomic::Ordering;
 use std::task::Waker;
 
-use ::metrics::Gauge;
 use sync::{AtomicU64, Mutex};
 
 /// The real primitives, or loom's under `cfg(loom)` so that a model checker explores every
@@ -201,17 +211,18 @@ impl Queue {
 }
 
 /// A counting semaphore with a FIFO queue, lock-free when nobody queues.
+///
+/// It runs no code of its users while its mutex is held: no metric handle, no listener, no
+/// waker (wakers are cloned, dropped and woken after unlocking), so that such code may
+/// panic or call back into the bulkhead without corrupting the queue or deadlocking.
 #[derive(Debug)]
 pub(super) struct Semaphore {
     state: AtomicU64,
     queue: Mutex<Queue>,
-    /// Set while the mutex is held, so its last value is the current queue length.
-    waiting_gauge: Gauge,
 }
 
 impl Semaphore {
-    pub(super) fn new(permits: u32, waiting_gauge: Gauge) -> Self {
-        waiting_gauge.set(0.0);
+    pub(super) fn new(permits: u32) -> Self {
         Semaphore {
             state: AtomicU64::new(u64::from(permits)),
             queue: Mutex::new(Queue {
@@ -220,7 +231,6 @@ impl Semaphore {
                 tail: NIL,
                 free: NIL,
             }),
-            waiting_gauge,
         }
     }
 
@@ -271,11 +281,7 @@ impl Semaphore {
                 .compare_exchange(s, new, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) if acquired => return Enqueue::Acquired,
-                Ok(_) => {
-                    let idx = queue.push_back();
-                    self.waiting_gauge.set(f64::from(waiting(new)));
-                    return Enqueue::Queued(idx);
-                }
+                Ok(_) => return Enqueue::Queued(queue.push_back()),
                 Err(cur) => s = cur,
             }
         }
@@ -310,7 +316,6 @@ impl Semaphore {
                 debug_assert_eq!(prev, s);
                 let head = queue.head;
                 let waker = queue.unlink(head, Slot::Granted);
-                self.waiting_gauge.set(f64::from(waiting(s) - 1));
                 drop(queue);
                 if let Some(w) = waker {
                     w.wake();
@@ -329,22 +334,42 @@ impl Semaphore {
 
     /// Checks a queued slot: `true` if it was granted a permit (the slot is freed and the
     /// caller holds the permit now); otherwise stores `waker` to be woken at the hand-off.
+    ///
+    /// A waker that must be stored is cloned, and the one it replaces dropped, with the
+    /// mutex free: the slot is checked again after cloning, so a hand-off in between is
+    /// collected, not missed. The mutex is taken at most twice.
     pub(super) fn poll_slot(&self, idx: usize, waker: &Waker) -> bool {
+        let old = {
+            let mut queue = self.queue.lock();
+            match &mut queue.slots[idx] {
+                Slot::Granted => {
+                    queue.release_slot(idx);
+                    return true;
+                }
+                Slot::Waiting { waker: stored, .. } => match stored {
+                    Some(w) if w.will_wake(waker) => return false,
+                    _ => stored.take(),
+                },
+                Slot::Free { .. } => unreachable!("polling a slot that was released"),
+            }
+        };
+        drop(old);
+        let new = waker.clone();
         let mut queue = self.queue.lock();
-        match &mut queue.slots[idx] {
+        let unused = match &mut queue.slots[idx] {
             Slot::Granted => {
                 queue.release_slot(idx);
-                true
+                drop(queue);
+                drop(new);
+                return true;
             }
-            Slot::Waiting { waker: stored, .. } => {
-                match stored {
-                    Some(w) if w.will_wake(waker) => {}
-                    _ => *stored = Some(waker.clone()),
-                }
-                false
-            }
+            // Only this slot's owner stores a waker, and it is here: `stored` is empty.
+            Slot::Waiting { waker: stored, .. } => stored.replace(new),
             Slot::Free { .. } => unreachable!("polling a slot that was released"),
-        }
+        };
+        drop(queue);
+        drop(unused);
+        false
     }
 
     /// Withdraws a queued slot (its caller gave up or was dropped). Returns `true` if the
@@ -357,8 +382,7 @@ impl Semaphore {
         }
         let waker = queue.unlink(idx, Slot::Free { next: NIL });
         queue.release_slot(idx);
-        let prev = self.state.fetch_sub(ONE_WAITER, Ordering::AcqRel);
-        self.waiting_gauge.set(f64::from(waiting(prev) - 1));
+        self.state.fetch_sub(ONE_WAITER, Ordering::AcqRel);
         drop(queue);
         drop(waker);
         false
@@ -370,7 +394,7 @@ mod tests {
     use super::*;
 
     fn sem(n: u32) -> Semaphore {
-        Semaphore::new(n, Gauge::noop())
+        Semaphore::new(n)
     }
 
     #[test]
@@ -475,7 +499,7 @@ mod loom {
     #[test]
     fn a_waiter_giving_up_while_the_holder_releases_loses_no_permit() {
         ::loom::model(|| {
-            let s = Arc::new(Semaphore::new(1, Gauge::noop()));
+            let s = Arc::new(Semaphore::new(1));
             assert!(s.try_acquire());
             let holder = {
                 let s = s.clone();
@@ -495,7 +519,7 @@ mod loom {
     #[test]
     fn fast_acquire_enqueue_and_release_race_without_barging_or_loss() {
         ::loom::model(|| {
-            let s = Arc::new(Semaphore::new(1, Gauge::noop()));
+            let s = Arc::new(Semaphore::new(1));
             assert!(s.try_acquire());
             let holder = {
                 let s = s.clone();
@@ -529,7 +553,7 @@ mod loom {
         let mut model = ::loom::model::Builder::new();
         model.preemption_bound = Some(3);
         model.check(|| {
-            let s = Arc::new(Semaphore::new(2, Gauge::noop()));
+            let s = Arc::new(Semaphore::new(2));
             assert!(s.try_acquire());
             assert!(s.try_acquire());
             let releaser = {
