@@ -98,3 +98,52 @@ fn every_layer_kind_joins_the_registry() {
     drop(keyed);
     assert_eq!(registry.len(), 3);
 }
+
+#[cfg(all(feature = "serde", feature = "circuit-breaker"))]
+#[tokio::test(start_paused = true)]
+async fn a_breaker_snapshot_after_a_scripted_sequence_is_exact_and_serializes() {
+    use tower::{ServiceExt, service_fn};
+    use tower_breakwater::BoxError;
+    use tower_breakwater::circuit_breaker::{CircuitBreakerLayer, SlidingWindow};
+
+    let registry = Registry::new();
+    let layer = CircuitBreakerLayer::builder()
+        .name("payments")
+        .sliding_window(SlidingWindow::count_based(4))
+        .minimum_calls(4)
+        .failure_rate_threshold(0.5)
+        .wait_in_open(Duration::from_secs(30))
+        .registry(&registry)
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(
+        &layer,
+        service_fn(|fail: bool| async move {
+            if fail {
+                Err::<(), BoxError>("down".into())
+            } else {
+                Ok(())
+            }
+        }),
+    );
+    // S, F, S, F: the fourth outcome makes the failure rate 0.5 and opens the breaker.
+    for fail in [false, true, false, true] {
+        let _ = svc.clone().oneshot(fail).await;
+    }
+    // Two rejections while open.
+    assert!(svc.clone().oneshot(false).await.is_err());
+    assert!(svc.clone().oneshot(false).await.is_err());
+    tokio::time::advance(Duration::from_millis(1_500)).await;
+    let snap = registry.snapshot().remove(0);
+    assert_eq!(snap.state, Some("open"));
+    assert_eq!(snap.counter("rejected"), Some(2));
+    assert_eq!(snap.gauge("failure_rate"), Some(0.5));
+    assert_eq!(snap.gauge("calls_in_window"), Some(4.0));
+    assert_eq!(snap.gauge("time_in_state_seconds"), Some(1.5));
+    let json = serde_json::to_value(&snap).unwrap();
+    assert_eq!(json["name"], "payments");
+    assert_eq!(json["layer"], "circuit_breaker");
+    assert_eq!(json["state"], "open");
+    assert_eq!(json["counters"]["rejected"], 2);
+    assert_eq!(json["gauges"]["failure_rate"], 0.5);
+}
