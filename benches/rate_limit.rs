@@ -26,20 +26,8 @@ fn benches(c: &mut Criterion) {
         c.bench_function("clock/std_instant_now", |b| {
             b.iter(|| std::hint::black_box(std::time::Instant::now()))
         });
-        // The peer target: governor's raw `check()` (no tower), and the same plus the one
-        // tokio clock read our GCRA needs per call.
-        let quota = governor::Quota::per_second(std::num::NonZeroU32::MAX)
-            .allow_burst(std::num::NonZeroU32::MAX);
-        let gov = governor::RateLimiter::direct(quota);
-        c.bench_function("governor/check", |b| {
-            b.iter(|| std::hint::black_box(gov.check()).unwrap())
-        });
-        c.bench_function("governor/check+tokio_instant_now", |b| {
-            b.iter(|| {
-                std::hint::black_box(tokio::time::Instant::now());
-                std::hint::black_box(gov.check()).unwrap()
-            })
-        });
+        // The peer comparison (governor's raw `check()` plus one tokio clock read) is in the
+        // `benches/compare` workspace member, which keeps peer crates out of this build.
     }
     bench_service(c, "baseline/service_fn", &rt, ready_inner(), 1);
     // T = 1 ns and a burst of 10^6: never limits.
