@@ -9,6 +9,7 @@
 //! | circuit breaker | calling a dependency that is failing | [`circuit_breaker`] |
 //! | rate limiter (GCRA, shared or keyed) | overwhelming an external API; one client starving others | [`rate_limit`] |
 //! | coalescing (singleflight) | identical concurrent requests each going upstream | [`coalesce`] |
+//! | response cache (XFetch, serve-stale-on-error) | the thundering herd at cache expiry; outages of the dependency | [`cache`] |
 //! | bulkhead, load shedding | one dependency exhausting concurrency | [`bulkhead`] |
 //! | the recommended stack for one dependency, in one builder call | all of the above | [`preset`] |
 //!
@@ -84,6 +85,8 @@ pub mod snapshot;
 
 #[cfg(feature = "bulkhead")]
 pub mod bulkhead;
+#[cfg(feature = "cache")]
+pub mod cache;
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
 #[cfg(feature = "coalesce")]

@@ -469,3 +469,51 @@ mod bulkhead {
         (ra.unwrap(), rb.unwrap())
     }
 }
+
+#[cfg(feature = "cache")]
+mod cache {
+    use super::*;
+    use tower_breakwater::cache::CacheLayer;
+
+    fn svc() -> impl Service<u32, Response = u32, Error = tower_breakwater::BoxError> {
+        let layer = CacheLayer::builder()
+            .key(|k: &u32| Some(*k))
+            .ttl(Duration::from_secs(3_600))
+            .build()
+            .unwrap();
+        tower::Layer::layer(&layer, inner())
+    }
+
+    /// As `yielding_inner`, with a `Send` future (fetches run on the coalescing core).
+    fn inner() -> impl Service<u32, Response = u32, Error = std::convert::Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|x: u32| async move {
+            tokio::task::yield_now().await;
+            Ok(x)
+        })
+    }
+
+    #[test]
+    fn hit_allocates_nothing_without_a_recorder() {
+        let rt = runtime();
+        // The first call (a miss, in the warm-up) fills the entry; every later call hits.
+        assert_eq!(allocs_per_call(&rt, svc(), 1), 0);
+    }
+
+    #[test]
+    fn hit_allocates_nothing_with_a_recorder() {
+        let rt = runtime();
+        let rec = TestRecorder::default();
+        let svc = rec.install_while(svc);
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0);
+        assert_eq!(
+            rec.counter(
+                "breakwater_cache_lookups_total",
+                &[("name", "default"), ("result", "hit")]
+            ),
+            Some(99 + 3 * CALLS)
+        );
+    }
+}

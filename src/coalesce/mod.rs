@@ -181,7 +181,7 @@
 //! its lock, and a leaving driver nominates exactly one registered waiter. The multi-thread
 //! tests exercise these paths, including a driver leaving while the other thread attaches.
 
-mod core;
+pub(crate) mod core;
 mod error;
 mod future;
 mod layer;

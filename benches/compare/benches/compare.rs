@@ -211,7 +211,16 @@ fn recloser_breaker() -> recloser::AsyncRecloser {
 
 fn cache(h: &mut Harness) {
     let mut c = h.category("cache", "cache hit").requests(|_| HOT_KEY);
-    // ours: let (inner, upstream) = counting_inner(); fill, measure, check_hits(..) as below.
+    let (inner, upstream) = counting_inner();
+    let mut ours = tower_breakwater::cache::CacheLayer::builder()
+        .key(|req: &u64| Some(*req))
+        .ttl(Duration::from_secs(3_600))
+        .build()
+        .expect("valid cache layer")
+        .layer(inner);
+    fill(&mut ours);
+    c.ours("breakwater cache hit", ours);
+    check_hits("breakwater cache", &upstream);
     let (upstream_svc, upstream) = counting_inner();
     let mut resilience = tower_resilience::cache::CacheLayer::builder()
         .key_extractor(|req: &u64| *req)

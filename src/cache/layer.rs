@@ -1,0 +1,517 @@
+use std::any::Any;
+use std::fmt;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tower::{Layer, Service};
+
+use super::Cache;
+use super::store::{self, Instruments, RandomFn, Settings, Store, TtlPolicy};
+use crate::classify::{Classify, DefaultClassifier};
+use crate::coalesce::core::{End, Hooks, Role, Table};
+use crate::config::{Common, ConfigError, common_builder_methods};
+use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
+use crate::metrics::names;
+use crate::snapshot::Snapshot;
+
+/// The value a shared fetch gives its callers: the response, or the shared error.
+pub(super) type Shared<R> = Result<R, Arc<BoxError>>;
+
+/// The in-flight table of one store.
+pub(super) type Fetches<K, R> = Table<K, Result<R, BoxError>, Shared<R>, Arc<Instruments>>;
+
+impl<R: Send + 'static> Hooks<Result<R, BoxError>, Shared<R>> for Arc<Instruments> {
+    fn joined(&self, _role: Role) {}
+
+    fn ended(&self, _end: End, _followers: u64) {}
+
+    fn complete(&self, out: Result<R, BoxError>) -> Shared<R> {
+        out.map_err(Arc::new)
+    }
+
+    fn panicked(&self) -> Shared<R> {
+        Err(Arc::new(
+            BreakwaterError::new(ErrorKind::Panicked, LayerKind::Cache, self.name.clone()).into(),
+        ))
+    }
+}
+
+/// A store with its in-flight table, shared by every service of one layer for one type set.
+pub(super) struct Typed<K, R, C, T> {
+    pub(super) store: Store<K, R, C, T>,
+    pub(super) fetches: Arc<Fetches<K, R>>,
+}
+
+/// The error of a fetch that failed with no stale value to serve: the upstream error, shared
+/// by every caller of the fetch (`source()` is the upstream error;
+/// [`error::find`](crate::error::find) sees through it).
+#[derive(Debug, Clone)]
+pub struct FetchError {
+    inner: Arc<BoxError>,
+}
+
+impl FetchError {
+    pub(super) fn new(inner: Arc<BoxError>) -> Self {
+        FetchError { inner }
+    }
+
+    /// The upstream error.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &**self.inner
+    }
+}
+
+impl fmt::Display for FetchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cache fetch failed: {}", self.inner)
+    }
+}
+
+impl std::error::Error for FetchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&**self.inner)
+    }
+}
+
+/// State shared by a layer, its handle and every service it made.
+pub(super) struct LayerState {
+    instruments: Arc<Instruments>,
+    settings: Settings,
+    stores: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
+}
+
+impl fmt::Debug for LayerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerState")
+            .field("name", &self.instruments.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The builder's state before a key function or a TTL is given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unset;
+
+/// A fixed TTL, set by [`CacheBuilder::ttl`].
+#[derive(Debug, Clone, Copy)]
+pub struct FixedTtl(Duration);
+
+impl<Res> TtlPolicy<Res> for FixedTtl {
+    #[inline]
+    fn ttl(&self, _res: &Res) -> Option<Duration> {
+        Some(self.0)
+    }
+}
+
+/// A TTL computed from the response, set by [`CacheBuilder::ttl_fn`].
+#[derive(Debug, Clone, Copy)]
+pub struct TtlFn<G>(G);
+
+impl<Res, G> TtlPolicy<Res> for TtlFn<G>
+where
+    G: Fn(&Res) -> Option<Duration> + Clone + Send + Sync + 'static,
+{
+    #[inline]
+    fn ttl(&self, res: &Res) -> Option<Duration> {
+        (self.0)(res)
+    }
+}
+
+/// A TTL policy given to the builder (checked at `build()`): [`Unset`], [`FixedTtl`] or
+/// [`TtlFn`].
+pub trait TtlConfig {
+    /// `None` when unset; `Some(Some(ttl))` for a fixed TTL; `Some(None)` for a function.
+    #[doc(hidden)]
+    fn fixed(&self) -> Option<Option<Duration>>;
+}
+
+impl TtlConfig for Unset {
+    fn fixed(&self) -> Option<Option<Duration>> {
+        None
+    }
+}
+
+impl TtlConfig for FixedTtl {
+    fn fixed(&self) -> Option<Option<Duration>> {
+        Some(Some(self.0))
+    }
+}
+
+impl<G> TtlConfig for TtlFn<G> {
+    fn fixed(&self) -> Option<Option<Duration>> {
+        Some(None)
+    }
+}
+
+/// The default capacity: 10,000 entries.
+pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
+
+/// Builds a [`CacheLayer`]; see the [module docs](crate::cache).
+///
+/// Required: [`key`](Self::key) (at compile time) and a TTL ([`ttl`](Self::ttl) or
+/// [`ttl_fn`](Self::ttl_fn); `build()` returns a [`ConfigError`] without one).
+#[must_use]
+pub struct CacheBuilder<Req = (), K = (), F = Unset, T = Unset, C = DefaultClassifier> {
+    common: Common,
+    key: F,
+    ttl: T,
+    classifier: C,
+    beta: f64,
+    max_entries: usize,
+    max_staleness: Duration,
+    stale_retry_interval: Duration,
+    random: Option<RandomFn>,
+    seed: Option<u64>,
+    recompute_histogram: bool,
+    _types: PhantomData<fn(&Req) -> K>,
+}
+
+impl<Req, K, F, T, C> fmt::Debug for CacheBuilder<Req, K, F, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("common", &self.common)
+            .field("beta", &self.beta)
+            .field("max_entries", &self.max_entries)
+            .field("max_staleness", &self.max_staleness)
+            .field("stale_retry_interval", &self.stale_retry_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for CacheBuilder {
+    fn default() -> Self {
+        CacheBuilder {
+            common: Common::default(),
+            key: Unset,
+            ttl: Unset,
+            classifier: DefaultClassifier,
+            beta: 1.0,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_staleness: Duration::ZERO,
+            stale_retry_interval: Duration::from_secs(1),
+            random: None,
+            seed: None,
+            recompute_histogram: false,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
+    common_builder_methods!();
+
+    /// The key function: `f(&req)` is the cache key of `req`, or `None` to pass the request
+    /// through uncached and uncoalesced. The key must capture everything that affects the
+    /// response. Called once per call, in `call`; keep it cheap.
+    ///
+    /// # Panics
+    ///
+    /// A panic of `f` unwinds out of the service's `call` (nothing changed).
+    pub fn key<Req2, K2, F2>(self, f: F2) -> CacheBuilder<Req2, K2, F2, T, C>
+    where
+        F2: Fn(&Req2) -> Option<K2> + Clone,
+        K2: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        CacheBuilder {
+            common: self.common,
+            key: f,
+            ttl: self.ttl,
+            classifier: self.classifier,
+            beta: self.beta,
+            max_entries: self.max_entries,
+            max_staleness: self.max_staleness,
+            stale_retry_interval: self.stale_retry_interval,
+            random: self.random,
+            seed: self.seed,
+            recompute_histogram: self.recompute_histogram,
+            _types: PhantomData,
+        }
+    }
+
+    fn with_ttl<T2>(self, ttl: T2) -> CacheBuilder<Req, K, F, T2, C> {
+        CacheBuilder {
+            common: self.common,
+            key: self.key,
+            ttl,
+            classifier: self.classifier,
+            beta: self.beta,
+            max_entries: self.max_entries,
+            max_staleness: self.max_staleness,
+            stale_retry_interval: self.stale_retry_interval,
+            random: self.random,
+            seed: self.seed,
+            recompute_histogram: self.recompute_histogram,
+            _types: PhantomData,
+        }
+    }
+
+    /// A fixed time to live: an entry expires `ttl` after it was stored. Must be > 0.
+    pub fn ttl(self, ttl: Duration) -> CacheBuilder<Req, K, F, FixedTtl, C> {
+        self.with_ttl(FixedTtl(ttl))
+    }
+
+    /// A TTL computed from each successful response (e.g. from `Cache-Control: max-age`);
+    /// `None` or a zero duration: the response is not stored.
+    pub fn ttl_fn<Res, G>(self, f: G) -> CacheBuilder<Req, K, F, TtlFn<G>, C>
+    where
+        G: Fn(&Res) -> Option<Duration> + Clone + Send + Sync + 'static,
+    {
+        self.with_ttl(TtlFn(f))
+    }
+
+    /// The classifier: only responses it calls [`Success`](crate::classify::Outcome::Success)
+    /// are stored; anything else counts as a failed fetch (default [`DefaultClassifier`]).
+    pub fn classifier<C2>(self, classifier: C2) -> CacheBuilder<Req, K, F, T, C2> {
+        CacheBuilder {
+            common: self.common,
+            key: self.key,
+            ttl: self.ttl,
+            classifier,
+            beta: self.beta,
+            max_entries: self.max_entries,
+            max_staleness: self.max_staleness,
+            stale_retry_interval: self.stale_retry_interval,
+            random: self.random,
+            seed: self.seed,
+            recompute_histogram: self.recompute_histogram,
+            _types: PhantomData,
+        }
+    }
+
+    /// XFetch's `beta`, a finite number > 0 (default 1.0; above 1 refreshes earlier). Else
+    /// `build()` returns a [`ConfigError`].
+    pub fn beta(mut self, beta: f64) -> Self {
+        self.beta = beta;
+        self
+    }
+
+    /// The capacity, in entries (>= 1; default [`DEFAULT_MAX_ENTRIES`]). See the
+    /// [eviction policy](crate::cache#capacity-and-eviction).
+    pub fn max_entries(mut self, n: usize) -> Self {
+        self.max_entries = n;
+        self
+    }
+
+    /// How long past its expiry an entry may still be served when the upstream fails
+    /// (default zero: never serve stale).
+    pub fn max_staleness(mut self, d: Duration) -> Self {
+        self.max_staleness = d;
+        self
+    }
+
+    /// After a failed fetch or refresh of a key, how long no request for that key goes
+    /// upstream (stale values are served meanwhile); > 0, default 1 s.
+    pub fn stale_retry_interval(mut self, d: Duration) -> Self {
+        self.stale_retry_interval = d;
+        self
+    }
+
+    /// The random source of XFetch: `f()` returns `u`, uniform in `(0.0, 1.0]` (a value
+    /// `<= 0` always refreshes, a value `> 1` or NaN never does). Called only by reads of a
+    /// fresh entry close enough to expiry for some `u` to trigger a refresh. Replaces the
+    /// default seeded source.
+    pub fn random(mut self, f: impl Fn() -> f64 + Send + Sync + 'static) -> Self {
+        self.random = Some(Arc::new(f));
+        self
+    }
+
+    /// The seed of the default random source (SplitMix64, from the `rand_xoshiro` crate),
+    /// for reproducible runs; without it, the seed is random.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Records `breakwater_cache_recompute_duration_seconds` (default off).
+    pub fn recompute_histogram(mut self, on: bool) -> Self {
+        self.recompute_histogram = on;
+        self
+    }
+}
+
+impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C>
+where
+    F: Fn(&Req) -> Option<K> + Clone,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    T: TtlConfig,
+{
+    /// Validates the configuration, registers the metric handles and returns the layer.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] when the name is empty, no TTL was given or a fixed TTL is zero,
+    /// `beta` is not a finite number > 0, `max_entries` is 0, or `stale_retry_interval` is 0.
+    pub fn build(self) -> Result<CacheLayer<Req, K, F, T, C>, ConfigError> {
+        let v = self.common.validator(LayerKind::Cache)?;
+        match self.ttl.fixed() {
+            None => return Err(v.error("ttl", "unset", "a TTL: ttl(Duration) or ttl_fn(..)")),
+            Some(Some(ttl)) => drop(v.positive_duration("ttl", ttl)?),
+            Some(None) => {}
+        }
+        let beta = v.positive_finite("beta", self.beta)?;
+        v.at_least_one("max_entries", self.max_entries as u64)?;
+        v.positive_duration("stale_retry_interval", self.stale_retry_interval)?;
+        let reg = self.common.registrar();
+        let lookups =
+            ["hit", "miss", "stale"].map(|r| reg.counter(&names::CACHE_LOOKUPS, &[("result", r)]));
+        let instruments = Instruments {
+            name: v.name().clone(),
+            lookups,
+            early: reg.counter(&names::CACHE_EARLY_REFRESHES, &[]),
+            errors: reg.counter(&names::CACHE_REFRESH_ERRORS, &[]),
+            entries: reg.gauge(&names::CACHE_ENTRIES, &[]),
+            recompute: (self.recompute_histogram && reg.enabled())
+                .then(|| reg.histogram(&names::CACHE_RECOMPUTE_DURATION, &[])),
+            events: self.common.events(LayerKind::Cache),
+            counts: Default::default(),
+        };
+        let seed = self
+            .seed
+            .unwrap_or_else(|| RandomState::new().hash_one(0u64));
+        let settings = Settings {
+            beta,
+            max_staleness: self.max_staleness,
+            stale_retry_interval: self.stale_retry_interval,
+            max_entries: self.max_entries,
+            random: self.random.unwrap_or_else(|| store::splitmix(seed)),
+        };
+        let state = Arc::new(LayerState {
+            instruments: Arc::new(instruments),
+            settings,
+            stores: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&state);
+        self.common.register_fn(move || {
+            Some(
+                CacheHandle {
+                    state: weak.upgrade()?,
+                }
+                .snapshot(),
+            )
+        });
+        Ok(CacheLayer {
+            state,
+            key: self.key,
+            ttl: self.ttl,
+            classifier: self.classifier,
+            _types: PhantomData,
+        })
+    }
+}
+
+/// A response cache with XFetch early refresh and serve-stale-on-error; see the
+/// [module docs](crate::cache).
+///
+/// Cheap to clone (one `Arc`, the key function, the TTL policy and the classifier); every
+/// clone, and every service it makes, shares one store per response type.
+pub struct CacheLayer<Req, K, F, T, C = DefaultClassifier> {
+    state: Arc<LayerState>,
+    key: F,
+    ttl: T,
+    classifier: C,
+    _types: PhantomData<fn(&Req) -> K>,
+}
+
+impl<Req, K, F: Clone, T: Clone, C: Clone> Clone for CacheLayer<Req, K, F, T, C> {
+    fn clone(&self) -> Self {
+        CacheLayer {
+            state: self.state.clone(),
+            key: self.key.clone(),
+            ttl: self.ttl.clone(),
+            classifier: self.classifier.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<Req, K, F, T, C> fmt::Debug for CacheLayer<Req, K, F, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheLayer")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheLayer<(), (), Unset, Unset> {
+    /// A builder with defaults: name `"default"`, no key function and no TTL (both required),
+    /// beta 1.0, [`DEFAULT_MAX_ENTRIES`], no stale serving, a 1 s retry interval, a randomly
+    /// seeded random source, the default classifier and metrics profile.
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder::default()
+    }
+}
+
+impl<Req, K, F, T, C> CacheLayer<Req, K, F, T, C> {
+    /// A handle to this instance's state, for snapshots.
+    pub fn handle(&self) -> CacheHandle {
+        CacheHandle {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<S, Req, K, F, T, C> Layer<S> for CacheLayer<Req, K, F, T, C>
+where
+    S: Service<Req>,
+    S::Response: Clone + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    F: Clone,
+    T: TtlPolicy<S::Response>,
+    C: Classify<S::Response>,
+{
+    type Service = Cache<S, K, S::Response, F, T, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        type Of<S, Req, K, T, C> = Typed<K, <S as Service<Req>>::Response, C, T>;
+        let mut stores = self.state.stores.lock();
+        let found = stores
+            .iter()
+            .find_map(|s| s.clone().downcast::<Of<S, Req, K, T, C>>().ok());
+        let typed = found.unwrap_or_else(|| {
+            let typed = Arc::new(Typed {
+                store: Store::new(
+                    self.state.settings.clone(),
+                    self.state.instruments.clone(),
+                    self.classifier.clone(),
+                    self.ttl.clone(),
+                ),
+                fetches: Arc::new(Table::new(self.state.instruments.clone())),
+            });
+            stores.push(typed.clone());
+            typed
+        });
+        Cache::new(inner, typed, self.key.clone())
+    }
+}
+
+/// A handle to one cache instance, for snapshots. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CacheHandle {
+    state: Arc<LayerState>,
+}
+
+impl CacheHandle {
+    /// The instance name.
+    pub fn name(&self) -> &str {
+        &self.state.instruments.name
+    }
+
+    /// A snapshot: kind `cache`, no state; counters `hits`, `misses`, `stale` (lookups by
+    /// result), `early_refreshes` and `refresh_errors`, since the layer was built; gauge
+    /// `entries` (entries held now).
+    pub fn snapshot(&self) -> Snapshot {
+        let c = &self.state.instruments.counts;
+        let get = |i: usize| c[i].load(Ordering::Relaxed);
+        Snapshot::new(LayerKind::Cache, &self.state.instruments.name)
+            .with_counter("hits", get(store::HIT))
+            .with_counter("misses", get(store::MISS))
+            .with_counter("stale", get(store::STALE))
+            .with_counter("early_refreshes", get(store::EARLY))
+            .with_counter("refresh_errors", get(store::ERRORS))
+            .with_gauge("entries", get(store::ENTRIES) as f64)
+    }
+}
