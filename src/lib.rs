@@ -82,6 +82,8 @@ pub mod event;
 pub mod metrics;
 pub mod registry;
 pub mod snapshot;
+#[cfg(feature = "coalesce")]
+mod upstream;
 
 #[cfg(feature = "bulkhead")]
 pub mod bulkhead;

@@ -1,3 +1,4 @@
+use crate::upstream::Upstream;
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
@@ -263,68 +264,5 @@ where
                 })
             }
         }
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<S, Req, F> {
-        Ready { svc: S, req: Option<Req> },
-        Called { #[pin] fut: F },
-        Done,
-    }
-}
-
-pin_project! {
-    /// An upstream call: readiness of a clone of the inner service, then the request.
-    pub(super) struct Upstream<S, Req>
-    where
-        S: Service<Req>,
-    {
-        #[pin]
-        state: State<S, Req, S::Future>,
-    }
-}
-
-impl<S: Service<Req>, Req> Upstream<S, Req> {
-    pub(super) fn new(svc: S, req: Req) -> Self {
-        Upstream {
-            state: State::Ready {
-                svc,
-                req: Some(req),
-            },
-        }
-    }
-}
-
-impl<S, Req> Future for Upstream<S, Req>
-where
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
-{
-    type Output = Result<S::Response, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let result = loop {
-            match this.state.as_mut().project() {
-                StateProj::Ready { svc, req } => match svc.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        let req = req.take().expect("request present until called");
-                        let fut = svc.call(req);
-                        this.state.set(State::Called { fut });
-                    }
-                    Poll::Ready(Err(e)) => break Err(e.into()),
-                    Poll::Pending => return Poll::Pending,
-                },
-                StateProj::Called { fut } => match fut.poll(cx) {
-                    Poll::Ready(r) => break r.map_err(Into::into),
-                    Poll::Pending => return Poll::Pending,
-                },
-                StateProj::Done => panic!("upstream call polled after completion"),
-            }
-        };
-        this.state.set(State::Done);
-        Poll::Ready(result)
     }
 }

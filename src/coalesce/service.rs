@@ -6,9 +6,9 @@ use std::task::{Context, Poll};
 use tower::Service;
 
 use super::ResponseFuture;
-use super::future::Upstream;
 use super::layer::Slots;
 use crate::error::BoxError;
+use crate::upstream::Upstream;
 
 /// A service that coalesces concurrent identical requests, made by
 /// [`CoalesceLayer`](super::CoalesceLayer).
