@@ -212,6 +212,26 @@ pub const RATE_LIMITER_WAIT_DURATION: MetricSpec = histogram(
     "Time spent waiting for a rate limiter slot, in seconds.",
 );
 
+/// Calls a direct (unkeyed) limiter would admit at once, back to back, in `0..=burst`: set
+/// when the limiter is built (to the burst), after every call and every give-back of a slot,
+/// and by every snapshot. The limiter recovers continuously between calls while this gauge
+/// keeps its last value: an idle limiter shows the value of its last call until the next
+/// call or snapshot. Not emitted by keyed limiters (each key has its own).
+pub const RATE_LIMITER_AVAILABLE: MetricSpec = gauge(
+    "breakwater_rate_limiter_available_permits",
+    Unit::Count,
+    &[],
+    "Calls a direct rate limiter would admit at once (0 to burst), as of its last call.",
+);
+
+/// Callers waiting for their slot now (wait mode), over every key of a keyed limiter.
+pub const RATE_LIMITER_WAITING: MetricSpec = gauge(
+    "breakwater_rate_limiter_waiting",
+    Unit::Count,
+    &[],
+    "Callers waiting for their rate limiter slot.",
+);
+
 /// Keys a keyed rate limiter tracks now (updated on calls and sweeps).
 pub const RATE_LIMITER_KEYS: MetricSpec = gauge(
     "breakwater_rate_limiter_keys",
@@ -309,6 +329,8 @@ pub const ALL: &[&MetricSpec] = &[
     &BULKHEAD_WAIT_DURATION,
     &RATE_LIMITER_CALLS,
     &RATE_LIMITER_WAIT_DURATION,
+    &RATE_LIMITER_AVAILABLE,
+    &RATE_LIMITER_WAITING,
     &RATE_LIMITER_KEYS,
     &COALESCE_CALLS,
     &COALESCE_IN_FLIGHT,

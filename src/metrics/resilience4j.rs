@@ -13,6 +13,11 @@
 //! | `breakwater_circuit_breaker_slow_call_rate` | `resilience4j_circuitbreaker_slow_call_rate`, in percent |
 //! | `breakwater_bulkhead_available_permits` | `resilience4j_bulkhead_available_concurrent_calls` |
 //! | `breakwater_bulkhead_max_permits` | `resilience4j_bulkhead_max_allowed_concurrent_calls` |
+//! | `breakwater_rate_limiter_available_permits` | `resilience4j_ratelimiter_available_permissions` (never negative: a GCRA limiter has no permissions to go below zero) |
+//! | `breakwater_rate_limiter_waiting` | `resilience4j_ratelimiter_waiting_threads` (callers waiting, not threads) |
+//!
+//! The coalescing and cache layers have no resilience4j equivalent: their metrics keep their
+//! `breakwater_` names and labels under this profile.
 //!
 //! Every other metric keeps its `breakwater_` name under this profile, so nothing is lost.
 //! Label `name` is the instance name, as in resilience4j.
@@ -94,6 +99,12 @@ pub(crate) fn translate(spec: &MetricSpec, labels: &[(&'static str, &'static str
         n if n == BULKHEAD_MAX.name => {
             rename("resilience4j_bulkhead_max_allowed_concurrent_calls", None)
         }
+        n if n == RATE_LIMITER_AVAILABLE.name => {
+            rename("resilience4j_ratelimiter_available_permissions", None)
+        }
+        n if n == RATE_LIMITER_WAITING.name => {
+            rename("resilience4j_ratelimiter_waiting_threads", None)
+        }
         _ => Translation::Keep,
     }
 }
@@ -120,6 +131,28 @@ mod tests {
             translate(&TIMEOUT_CALL_DURATION, &[("outcome", "success")]),
             Translation::Keep
         );
+    }
+
+    #[test]
+    fn rate_limiter_gauges_map_and_the_rest_keeps_its_names() {
+        assert_eq!(
+            translate(&RATE_LIMITER_AVAILABLE, &[]),
+            rename("resilience4j_ratelimiter_available_permissions", None)
+        );
+        assert_eq!(
+            translate(&RATE_LIMITER_WAITING, &[]),
+            rename("resilience4j_ratelimiter_waiting_threads", None)
+        );
+        for spec in [
+            &RATE_LIMITER_CALLS,
+            &RATE_LIMITER_KEYS,
+            &COALESCE_CALLS,
+            &COALESCE_IN_FLIGHT,
+            &CACHE_LOOKUPS,
+            &CACHE_ENTRIES,
+        ] {
+            assert_eq!(translate(spec, &[]), Translation::Keep, "{}", spec.name);
+        }
     }
 
     #[test]

@@ -186,8 +186,15 @@ impl<P> RateLimitBuilder<P> {
             } else {
                 Gauge::noop()
             },
+            available: (!keyed && reg.enabled())
+                .then(|| reg.gauge(&names::RATE_LIMITER_AVAILABLE, &[])),
+            waiting: reg.gauge(&names::RATE_LIMITER_WAITING, &[]),
         };
         metrics.keys.set(0.0);
+        metrics.waiting.set(0.0);
+        if let Some(g) = &metrics.available {
+            g.set(burst as f64);
+        }
         Ok(Arc::new(Core {
             name: v.name().clone(),
             gcra: Gcra {

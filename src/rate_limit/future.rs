@@ -36,6 +36,7 @@ pub(super) struct Waiter {
 impl Waiter {
     pub(super) fn new(core: Arc<Core>, cell: WaiterCell, tat: (u64, u64), called_at: u64) -> Self {
         core.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        core.metrics.waiting.increment(1.0);
         Waiter {
             core,
             cell,
@@ -55,6 +56,7 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         let core = &self.core;
         core.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        core.metrics.waiting.decrement(1.0);
         if self.admitted {
             return;
         }
@@ -65,6 +67,9 @@ impl Drop for Waiter {
         };
         if cell.give_back(self.tat.0, self.tat.1) {
             core.stats.given_back.fetch_add(1, Ordering::Relaxed);
+            if matches!(self.cell, WaiterCell::Direct) && core.metrics.available.is_some() {
+                core.publish_available(core.now_ns());
+            }
         }
     }
 }

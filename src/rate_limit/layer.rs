@@ -27,6 +27,9 @@ pub(super) struct Metrics {
     pub(super) too_many_keys: Counter,
     pub(super) wait: Option<Histogram>,
     pub(super) keys: Gauge,
+    /// Direct limiters with metrics on only.
+    pub(super) available: Option<Gauge>,
+    pub(super) waiting: Gauge,
 }
 
 /// Counts of rare events, for snapshots (the per-call `permitted` count lives in metrics
@@ -98,6 +101,17 @@ impl Core {
         d.as_secs()
             .saturating_mul(1_000_000_000)
             .saturating_add(u64::from(d.subsec_nanos()))
+    }
+
+    /// Sets the available-permits gauge of a direct limiter to its value at `t` (ns since
+    /// base); nothing for a keyed limiter or with metrics off.
+    #[inline]
+    pub(super) fn publish_available(&self, t: u64) -> u64 {
+        let available = self.gcra.available_at(self.direct.tat(), t);
+        if let Some(g) = &self.metrics.available {
+            g.set(available as f64);
+        }
+        available
     }
 
     /// Turns a decision for a call made at `t` into its response future.
@@ -359,13 +373,12 @@ impl RateLimitHandle {
                     .with_gauge("keys", keys as f64);
             }
             None => {
-                let (t, tat) = (core.now_ns(), core.direct.tat());
+                let t = core.now_ns();
+                let available = core.publish_available(t);
+                let wait = core.gcra.wait_at(core.direct.tat(), t);
                 snap = snap
-                    .with_gauge("available", core.gcra.available_at(tat, t) as f64)
-                    .with_gauge(
-                        "wait_seconds",
-                        Duration::from_nanos(core.gcra.wait_at(tat, t)).as_secs_f64(),
-                    );
+                    .with_gauge("available", available as f64)
+                    .with_gauge("wait_seconds", Duration::from_nanos(wait).as_secs_f64());
             }
         }
         snap

@@ -189,7 +189,13 @@
 //! (admitted at once), `waited` (admitted after a wait, counted at admission), `rejected`
 //! (rate limited) and, keyed only, `too_many_keys`. With `record_durations(true)`,
 //! `breakwater_rate_limiter_wait_duration_seconds{name}` records each admitted call's wait
-//! (0 for calls admitted at once). Keyed only: `breakwater_rate_limiter_keys{name}`. Every
+//! (0 for calls admitted at once). `breakwater_rate_limiter_waiting{name}`: callers waiting
+//! for their slot now. Direct only: `breakwater_rate_limiter_available_permits{name}`, the
+//! calls that would be admitted at once, back to back (`0..=burst`), set after every call
+//! and give-back and by every snapshot (the limiter recovers continuously in between, so an
+//! idle limiter shows the value of its last call until the next call or snapshot; setting it
+//! costs a gauge store per call when metrics are on, nothing with the `Off` profile). Keyed
+//! only: `breakwater_rate_limiter_keys{name}`. Every
 //! rejection emits [`EventKind::Rejected`](crate::event::EventKind::Rejected) with its kind
 //! and, for `RateLimited`, its `retry_after`. The outcome of the inner call is not
 //! classified: a limiter's outcomes are admissions. See [`RateLimitHandle::snapshot`].

@@ -71,6 +71,9 @@ where
         let core = &self.core;
         let t = core.now_ns();
         let r = core.direct.reserve(&core.gcra, t);
+        if core.metrics.available.is_some() {
+            core.publish_available(t);
+        }
         let decision = Decision::from_reserve(r, || WaiterCell::Direct);
         core.respond(decision, t, &self.inner, req)
     }

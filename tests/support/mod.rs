@@ -92,6 +92,46 @@ impl TestRecorder {
         found
     }
 
+    /// Every series of the instance named `instance` (label `name`), as sorted lines
+    /// `metric{label=value,...} = value` (the `name` label left out; histograms as the sorted
+    /// list of recorded values).
+    pub fn dump(&self, instance: &str) -> Vec<String> {
+        let line = |k: &Key| {
+            let mine = k
+                .labels()
+                .any(|l| l.key() == "name" && l.value() == instance);
+            let labels: Vec<String> = k
+                .labels()
+                .filter(|l| l.key() != "name")
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            mine.then(|| format!("{}{{{}}}", k.name(), labels.join(",")))
+        };
+        let mut out = Vec::new();
+        self.registry.visit_counters(|k, c| {
+            if let Some(l) = line(k) {
+                out.push(format!("{l} = {}", c.load(Ordering::SeqCst)));
+            }
+        });
+        self.registry.visit_gauges(|k, g| {
+            if let Some(l) = line(k) {
+                out.push(format!(
+                    "{l} = {}",
+                    f64::from_bits(g.load(Ordering::SeqCst))
+                ));
+            }
+        });
+        self.registry.visit_histograms(|k, h| {
+            if let Some(l) = line(k) {
+                let mut values = h.data();
+                values.sort_by(f64::total_cmp);
+                out.push(format!("{l} = {values:?}"));
+            }
+        });
+        out.sort();
+        out
+    }
+
     /// Every registered series name, sorted and deduplicated.
     pub fn names(&self) -> Vec<String> {
         let mut out = Vec::new();
