@@ -5,8 +5,10 @@
 //! A layer with no listener builds no event and reads no clock for one: the whole cost is a
 //! check that a slice is empty. With the `tracing` cargo feature, every event is also emitted
 //! as a `tracing` event (target `tower_breakwater`, fields `layer`, `name`, `event`):
-//! transitions at `WARN` when they open a breaker and `INFO` otherwise, per-call events
-//! (rejections, timeouts, stale serves) at `DEBUG`.
+//! transitions at `WARN` when they open a breaker and `INFO` otherwise; a panicked shared call
+//! at `WARN` (a bug in the upstream code that every caller of the call pays for); other
+//! per-call events (rejections, timeouts, early refreshes, stale serves, refresh failures,
+//! coalesced calls) at `DEBUG`, and rate-limiter waits, the most frequent, at `TRACE`.
 //!
 //! Listeners must be cheap and must not panic: a panicking listener unwinds into the caller
 //! that triggered the event.
@@ -63,6 +65,11 @@ pub enum EventKind {
         /// The deadline that applied to the call.
         after: Duration,
     },
+    /// A call was admitted after waiting for its slot (a rate limiter in wait mode).
+    Waited {
+        /// How long it waited, on tokio's clock, from `call` to its admission.
+        waited: Duration,
+    },
     /// A cache started a probabilistic early refresh.
     EarlyRefresh,
     /// A cache served a value past its expiry because the upstream failed.
@@ -80,8 +87,9 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    /// `true` for events that concern one call (logged at `DEBUG` with `tracing`), `false` for
-    /// state changes of the layer itself.
+    /// `true` for events that concern one call (logged at `DEBUG` with `tracing`, `TRACE` for
+    /// [`Waited`](EventKind::Waited), `WARN` for [`Panicked`](EventKind::Panicked)), `false`
+    /// for state changes of the layer itself.
     pub fn is_per_call(&self) -> bool {
         !matches!(self, EventKind::StateTransition { .. })
     }
@@ -193,6 +201,12 @@ fn trace_event(layer: LayerKind, name: &str, kind: &EventKind) {
         }
         EventKind::StateTransition { .. } => {
             tracing::info!(target: "tower_breakwater", layer, name, event = ?kind, "state transition")
+        }
+        EventKind::Panicked => {
+            tracing::warn!(target: "tower_breakwater", layer, name, event = ?kind, "call event")
+        }
+        EventKind::Waited { .. } => {
+            tracing::trace!(target: "tower_breakwater", layer, name, event = ?kind, "call event")
         }
         _ => tracing::debug!(target: "tower_breakwater", layer, name, event = ?kind, "call event"),
     }

@@ -182,14 +182,19 @@ impl Core {
         ResponseFuture::rejected(err)
     }
 
-    /// Counts a waiter admitted at its emission time; `called_at` in ns since base.
+    /// Counts a waiter admitted at its emission time, records its wait and emits
+    /// [`EventKind::Waited`]; `called_at` in ns since base.
     pub(super) fn record_waited(&self, called_at: u64) {
         self.metrics.waited.increment(1);
         self.stats.waited.fetch_add(1, Ordering::Relaxed);
-        if let Some(h) = &self.metrics.wait {
-            let waited = self.now_ns().saturating_sub(called_at);
-            h.record(Duration::from_nanos(waited).as_secs_f64());
+        if self.metrics.wait.is_none() && !self.events.is_active() {
+            return;
         }
+        let waited = Duration::from_nanos(self.now_ns().saturating_sub(called_at));
+        if let Some(h) = &self.metrics.wait {
+            h.record(waited.as_secs_f64());
+        }
+        self.events.emit(|| EventKind::Waited { waited });
     }
 }
 

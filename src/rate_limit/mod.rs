@@ -195,7 +195,8 @@
 //! and give-back and by every snapshot (the limiter recovers continuously in between, so an
 //! idle limiter shows the value of its last call until the next call or snapshot; setting it
 //! costs a gauge store per call when metrics are on, nothing with the `Off` profile). Keyed
-//! only: `breakwater_rate_limiter_keys{name}`. Every
+//! only: `breakwater_rate_limiter_keys{name}`. Every call admitted after a wait emits
+//! [`EventKind::Waited`](crate::event::EventKind::Waited) with its wait. Every
 //! rejection emits [`EventKind::Rejected`](crate::event::EventKind::Rejected) with its kind
 //! and, for `RateLimited`, its `retry_after`. The outcome of the inner call is not
 //! classified: a limiter's outcomes are admissions. See [`RateLimitHandle::snapshot`].
