@@ -196,8 +196,14 @@ impl Registrar {
         let Some((name, key, scale)) = self.resolve(spec, labels) else {
             return Gauge::noop();
         };
+        // A ratio scaled by 100 is a percentage.
+        let unit = if scale == 100.0 {
+            Unit::Percent
+        } else {
+            spec.unit
+        };
         let gauge = ::metrics::with_recorder(|r| {
-            r.describe_gauge(name.into(), Some(spec.unit), spec.description.into());
+            r.describe_gauge(name.into(), Some(unit), spec.description.into());
             r.register_gauge(&key, &METADATA)
         });
         if scale == 1.0 {
@@ -243,5 +249,64 @@ impl GaugeFn for Scaled {
 
     fn set(&self, value: f64) {
         self.inner.set(value * self.scale);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use ::metrics::{KeyName, Recorder, SharedString};
+
+    use super::*;
+
+    /// Records the unit of every gauge described.
+    #[derive(Default)]
+    struct Units(Mutex<Vec<(String, Option<Unit>)>>);
+
+    impl Recorder for Units {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, name: KeyName, unit: Option<Unit>, _: SharedString) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((name.as_str().to_owned(), unit));
+        }
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn ratios_published_in_percent_are_described_in_percent() {
+        let units = Units::default();
+        ::metrics::with_local_recorder(&units, || {
+            for profile in [MetricsProfile::Breakwater, MetricsProfile::Resilience4j] {
+                let reg = Registrar::new("x".into(), profile);
+                let _ = reg.gauge(&names::CIRCUIT_BREAKER_FAILURE_RATE, &[]);
+                let _ = reg.gauge(&names::BULKHEAD_AVAILABLE, &[]);
+            }
+        });
+        let got = units.0.into_inner().unwrap();
+        let expect = |n: &str, u| (n.to_owned(), Some(u));
+        assert_eq!(
+            got,
+            [
+                expect("breakwater_circuit_breaker_failure_rate", Unit::Count),
+                expect("breakwater_bulkhead_available_permits", Unit::Count),
+                expect("resilience4j_circuitbreaker_failure_rate", Unit::Percent),
+                expect(
+                    "resilience4j_bulkhead_available_concurrent_calls",
+                    Unit::Count
+                ),
+            ]
+        );
     }
 }
