@@ -567,12 +567,13 @@ mod coalesce {
     use super::*;
 
     /// Key 1 asked three times at once (a leader, two followers), key 2 once, key 3 once and
-    /// dropped (abandoned); then everything ends. The resilience4j profile has no
+    /// dropped (abandoned); then everything ends; then key 0 panics upstream with a follower. The resilience4j profile has no
     /// coalescing metrics: both profiles emit the same `breakwater_` series.
     #[tokio::test(start_paused = true)]
     async fn coalescing_under_both_profiles() {
         let rec = TestRecorder::default();
         let mut pending = Vec::new();
+        let mut services = Vec::new();
         for (name, profile) in PROFILES {
             let layer = rec.install_while(|| {
                 CoalesceLayer::builder()
@@ -585,8 +586,10 @@ mod coalesce {
             });
             let mut svc = layer.layer(service_fn(|x: u32| async move {
                 sleep(Duration::from_millis(10)).await;
+                assert!(x != 0, "upstream bug");
                 Ok::<_, BoxError>(x)
             }));
+            services.push(svc.clone());
             let mut calls: Vec<_> = [1, 1, 1, 2, 3]
                 .into_iter()
                 .map(|k| Box::pin(svc.call(k)))
@@ -626,6 +629,26 @@ mod coalesce {
                     "breakwater_coalesce_calls_total{role=follower} = 2",
                     "breakwater_coalesce_calls_total{role=leader} = 3",
                     "breakwater_coalesce_followers_per_call{} = [0.0, 0.0, 2.0]",
+                    "breakwater_coalesce_in_flight_keys{} = 0",
+                ],
+            );
+        }
+        // Key 0 panics upstream with one follower: the call still ends in the metrics.
+        for svc in services {
+            let leader = tokio::spawn(svc.clone().oneshot(0));
+            tokio::task::yield_now().await;
+            let follower = tokio::spawn(svc.oneshot(0));
+            assert!(leader.await.unwrap_err().is_panic());
+            assert!(follower.await.unwrap().is_err());
+        }
+        for name in ["native", "r4j"] {
+            assert_series(
+                &rec,
+                name,
+                &[
+                    "breakwater_coalesce_calls_total{role=follower} = 3",
+                    "breakwater_coalesce_calls_total{role=leader} = 4",
+                    "breakwater_coalesce_followers_per_call{} = [0.0, 0.0, 1.0, 2.0]",
                     "breakwater_coalesce_in_flight_keys{} = 0",
                 ],
             );

@@ -108,16 +108,17 @@ impl Gcra {
     }
 
     /// Calls that would conform at once at `t`, back to back, for TAT `tat`: in `0..=burst`.
+    /// One division (it runs on every call of a direct limiter whose metrics are on).
+    #[inline]
     pub(super) fn available_at(&self, tat: u64, t: u64) -> u64 {
-        let burst = self.tau / self.interval + 1;
-        if tat <= t {
-            return burst;
-        }
-        // The k-th call (k >= 1) conforms when t >= TAT + (k - 1) T - tau.
-        let slack = t.saturating_add(self.tau).checked_sub(tat);
-        match slack {
-            Some(s) => (s / self.interval + 1).min(burst),
+        // The k-th call (k >= 1) conforms when t >= TAT + (k - 1) T - tau, that is when
+        // (k - 1) T <= slack = t + tau - TAT; and k <= burst = tau / T + 1.
+        match t.saturating_add(self.tau).checked_sub(tat) {
             None => 0,
+            // slack >= tau: at least burst conform (floor division is monotonic).
+            Some(slack) if slack >= self.tau => self.tau / self.interval + 1,
+            // slack < tau: slack / T <= tau / T, so this is at most the burst.
+            Some(slack) => slack / self.interval + 1,
         }
     }
 }
@@ -147,6 +148,33 @@ mod tests {
         assert_eq!(G.available_at(c.tat(), 110), 0);
         assert_eq!(G.available_at(c.tat(), 120), 1);
         assert_eq!(G.available_at(c.tat(), 1_000), 3);
+    }
+
+    /// `available_at` is exactly the number of back-to-back reservations that conform.
+    #[test]
+    fn available_is_the_number_of_calls_that_would_conform() {
+        for (interval, tau) in [(10, 20), (10, 25), (1, 0), (7, 0), (3, 299)] {
+            let g = Gcra {
+                interval,
+                tau,
+                max_wait: 0,
+            };
+            for tat in 0..200 {
+                for t in 0..200 {
+                    let c = Cell::default();
+                    c.tat.store(tat, Ordering::Relaxed);
+                    let mut n = 0;
+                    while c.reserve(&g, t) == Reserve::Now {
+                        n += 1;
+                    }
+                    assert_eq!(
+                        g.available_at(tat, t),
+                        n,
+                        "T {interval} tau {tau} {tat} {t}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
