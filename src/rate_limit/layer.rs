@@ -360,7 +360,10 @@ impl RateLimitHandle {
     /// Gauges: `waiting` (callers waiting for their slot now); direct only: `available`
     /// (calls that would be admitted at once now, back to back, in `0..=burst`) and
     /// `wait_seconds` (time until the next call would be admitted, 0 when one would be now);
-    /// keyed only: `keys` (as [`tracked_keys`](Self::tracked_keys), which it runs).
+    /// keyed only: `keys` (as [`tracked_keys`](Self::tracked_keys), which it runs). A direct
+    /// limiter's snapshot also sets the `breakwater_rate_limiter_available_permits` gauge to
+    /// its `available` value, so a periodic snapshot (a `/debug/resilience` endpoint, the
+    /// registry) keeps that gauge current while the limiter is idle.
     pub fn snapshot(&self) -> Snapshot {
         let core = &self.core;
         let s = &core.stats;
