@@ -1,4 +1,5 @@
-//! The Grafana dashboard queries only metrics the crate emits.
+//! The Grafana dashboard queries only metrics the crate emits, shows all of them with fitting
+//! units, and answers the on-call questions; the README metric table lists them all.
 
 use std::collections::BTreeSet;
 
@@ -170,4 +171,32 @@ fn cache_ratios_and_the_coalescing_ratio_have_panels() {
         "breakwater_coalesce_calls_total{name=~\"$name\",role=\"follower\"}",
         "breakwater_coalesce_calls_total{name=~\"$name\"}"
     ));
+}
+
+/// The README's metric table lists every metric the crate emits, once, with its type.
+#[test]
+fn the_readme_metric_table_lists_every_metric_with_its_type() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("\n## Metrics\n")
+        .nth(1)
+        .and_then(|s| s.split("\n\n").find(|t| t.starts_with("| name | type |")))
+        .expect("the Metrics section's table");
+    let mut rows: Vec<(String, String)> = table
+        .lines()
+        .skip(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(" | ").collect();
+            let name = cells[0].trim_start_matches("| ").trim_matches('`');
+            (name.to_owned(), cells[1].to_owned())
+        })
+        .collect();
+    rows.sort();
+    let mut expected: Vec<(String, String)> = ALL
+        .iter()
+        .map(|s| (s.name.to_owned(), s.kind.as_str().to_owned()))
+        .collect();
+    expected.sort();
+    assert_eq!(rows, expected);
 }
