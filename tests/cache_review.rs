@@ -1219,3 +1219,284 @@ fn an_early_refresh_outside_a_tokio_runtime_does_not_panic() {
     });
     assert_eq!(up.calls.get(), 2, "the entry still refreshes early");
 }
+
+// ---------------------------------------------------------------------------------------
+// HTTP: the cache keyed by `HttpKey`, TTL from `is_storable` and `max_age`, classified by
+// `HttpClassifier`.
+// ---------------------------------------------------------------------------------------
+
+#[cfg(feature = "http")]
+mod http_rules {
+    use super::*;
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use tower::util::BoxCloneService;
+    use tower_breakwater::http::{HttpClassifier, HttpKey, is_storable, max_age};
+
+    type Res = Response<Bytes>;
+    type HttpSvc = BoxCloneService<Request<()>, Res, BoxError>;
+
+    fn res(status: u16, headers: &[(&str, &str)], body: &'static str) -> Res {
+        let mut b = Response::builder().status(status);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(Bytes::from_static(body.as_bytes())).unwrap()
+    }
+
+    /// An upstream answering each request with `respond(call number, request)`.
+    fn upstream(
+        calls: &Count,
+        respond: impl Fn(u64, &Request<()>) -> Res + Clone + Send + Sync + 'static,
+    ) -> impl Service<Request<()>, Response = Res, Error = io::Error, Future: Send>
+    + Clone
+    + Send
+    + 'static {
+        let calls = calls.clone();
+        service_fn(move |req: Request<()>| {
+            calls.incr();
+            let out = respond(calls.get(), &req);
+            async move { Ok(out) }
+        })
+    }
+
+    /// The wiring the docs suggest: `HttpKey` keys, a TTL of `max_age` for storable
+    /// responses, `HttpClassifier`; 30 s of staleness, a 5 s back-off, no early refresh.
+    fn http_cache<S>(inner: S) -> (HttpSvc, CacheHandle)
+    where
+        S: Service<Request<()>, Response = Res, Error = io::Error> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let keys = HttpKey::new();
+        let rules = keys.clone();
+        let layer = CacheLayer::builder()
+            .name("h")
+            .key(move |req: &Request<()>| keys.key(req))
+            .ttl_fn(move |res: &Res| is_storable(res, &rules).then(|| max_age(res)).flatten())
+            .classifier(HttpClassifier::new())
+            .max_staleness(30 * S)
+            .stale_retry_interval(5 * S)
+            .random(|| 1.0)
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        (BoxCloneService::new(layer.layer(inner)), h)
+    }
+
+    async fn fetch(svc: &mut HttpSvc, uri: &str, headers: &[(&str, &str)]) -> Res {
+        let mut b = Request::get(format!("https://api.example{uri}"));
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        svc.ready()
+            .await
+            .unwrap()
+            .call(b.body(()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// `Set-Cookie`, `no-store`, `private`, a `Vary` on a header outside the key, a response
+    /// without `max-age` and a 503 are never stored (two reads, two upstream calls); a `Vary`
+    /// on key headers (any case) and a plain `max-age` are (one call). The 503 reaches the
+    /// caller as a response.
+    #[tokio::test(start_paused = true)]
+    async fn storability_rules_decide_what_is_cached() {
+        let calls = Count::default();
+        let inner = upstream(&calls, |_, req| {
+            let cc = ("cache-control", "max-age=60");
+            match req.uri().path() {
+                "/cookie" => res(200, &[cc, ("set-cookie", "sid=1")], "c"),
+                "/no-store" => res(200, &[("cache-control", "no-store, max-age=60")], "n"),
+                "/private" => res(200, &[("cache-control", "max-age=60, Private")], "p"),
+                "/vary-lang" => res(200, &[cc, ("vary", "Accept-Language")], "l"),
+                "/vary-key" => res(200, &[cc, ("vary", "ACCEPT, authorization")], "k"),
+                "/no-max-age" => res(200, &[], "m"),
+                "/503" => res(503, &[cc], "down"),
+                _ => res(200, &[cc], "ok"),
+            }
+        });
+        let (mut svc, h) = http_cache(inner);
+        let accept = [("accept", "application/json")];
+        for (uri, stored) in [
+            ("/cookie", false),
+            ("/no-store", false),
+            ("/private", false),
+            ("/vary-lang", false),
+            ("/vary-key", true),
+            ("/no-max-age", false),
+            ("/503", false),
+            ("/ok", true),
+        ] {
+            let before = calls.get();
+            let first = fetch(&mut svc, uri, &accept).await;
+            let second = fetch(&mut svc, uri, &accept).await;
+            assert_eq!(first.status(), second.status(), "{uri}");
+            assert_eq!(calls.get() - before, if stored { 1 } else { 2 }, "{uri}");
+        }
+        assert_eq!(
+            fetch(&mut svc, "/503", &accept).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(h.snapshot().gauge("entries"), Some(2.0));
+    }
+
+    /// An `Ok(503)` after expiry is a failure: not cached and not replacing the good value,
+    /// which is served stale through the back-off, then replaced by the next 200.
+    #[tokio::test(start_paused = true)]
+    async fn a_503_neither_is_cached_nor_replaces_the_good_value() {
+        let calls = Count::default();
+        let inner = upstream(&calls, |n, _| match n {
+            1 => res(200, &[("cache-control", "max-age=10")], "good"),
+            2 => res(503, &[("cache-control", "max-age=60")], "down"),
+            _ => res(200, &[("cache-control", "max-age=10")], "fresh"),
+        });
+        let (mut svc, h) = http_cache(inner);
+        assert_eq!(fetch(&mut svc, "/x", &[]).await.body(), "good");
+        advance(10 * S).await;
+        fetch(&mut svc, "/x", &[]).await; // the 503: see the next test for what it answers
+        advance(S).await;
+        assert_eq!(fetch(&mut svc, "/x", &[]).await.body(), "good");
+        assert_eq!(calls.get(), 2, "backing off");
+        advance(4 * S).await;
+        assert_eq!(fetch(&mut svc, "/x", &[]).await.body(), "fresh");
+        assert_eq!(fetch(&mut svc, "/x", &[]).await.body(), "fresh");
+        assert_eq!(calls.get(), 3);
+        assert_eq!(counters(&h)[4], 1, "one refresh error");
+    }
+
+    /// Serve-stale-on-error covers "a response the classifier does not call a success"
+    /// (module docs), but the response future falls back to the stale value only on an
+    /// `Err`: the reader of a post-expiry fetch answered `Ok(503)` gets the 503, although a
+    /// good value within the maximum staleness is stored (and is served to the next read).
+    #[tokio::test(start_paused = true)]
+    #[ignore = "defect: a fetch answered Ok(503) (classified failure) returns the 503 instead of the stale good value"]
+    async fn a_503_after_expiry_is_answered_with_the_stale_value() {
+        let calls = Count::default();
+        let inner = upstream(&calls, |n, _| match n {
+            1 => res(200, &[("cache-control", "max-age=10")], "good"),
+            _ => res(503, &[], "down"),
+        });
+        let (mut svc, h) = http_cache(inner);
+        fetch(&mut svc, "/x", &[]).await;
+        advance(10 * S).await;
+        let answer = fetch(&mut svc, "/x", &[]).await;
+        assert_eq!(
+            (answer.status(), answer.body().as_ref()),
+            (StatusCode::OK, &b"good"[..])
+        );
+        assert_eq!(counters(&h)[2], 1, "counted as stale");
+    }
+
+    /// A server sending `max-age` = `u64::MAX` (RFC 9111, 1.2.2: a cache must treat an
+    /// overflowing delta-seconds as 2^31 s) makes `now + ttl` overflow: the fetch panics,
+    /// and the reader's task with it.
+    #[tokio::test(start_paused = true)]
+    #[ignore = "defect: a response with max-age=18446744073709551615 panics the cache (`now + ttl` overflows)"]
+    async fn a_huge_max_age_is_capped_not_a_panic() {
+        let calls = Count::default();
+        let inner = upstream(&calls, |_, _| {
+            res(
+                200,
+                &[("cache-control", "max-age=18446744073709551615")],
+                "x",
+            )
+        });
+        let (svc, _h) = http_cache(inner);
+        let mut s = svc.clone();
+        let first = tokio::spawn(async move { fetch(&mut s, "/big", &[]).await }).await;
+        assert!(first.is_ok(), "the reader's task panicked");
+        let mut s = svc.clone();
+        fetch(&mut s, "/big", &[]).await;
+        assert_eq!(calls.get(), 1, "cached");
+    }
+
+    /// RFC 9111, 1.2.2: a delta-seconds too large to represent must be taken as 2^31 s;
+    /// `max_age` returns `None` (not cacheable) for it.
+    #[test]
+    #[ignore = "defect: max_age returns None for a max-age beyond u64 instead of 2^31 s (RFC 9111 1.2.2)"]
+    fn max_age_beyond_u64_is_two_to_the_31_seconds() {
+        let r = res(
+            200,
+            &[("cache-control", "max-age=99999999999999999999")],
+            "",
+        );
+        assert_eq!(max_age(&r), Some(Duration::from_secs(1 << 31)));
+    }
+
+    /// `HttpKey` leaves out `Range` and the conditional headers, and `is_storable` accepts
+    /// `206` and `304` (RFC 9111, 3: a cache must not store them unless it understands
+    /// them, and this one does not): a partial or empty "not modified" answer to one client
+    /// is then served to a plain GET.
+    #[tokio::test(start_paused = true)]
+    #[ignore = "defect: a 206 (Range) or 304 (If-None-Match) response is cached and served to plain GETs"]
+    async fn partial_and_not_modified_responses_are_not_served_to_plain_gets() {
+        let calls = Count::default();
+        let inner = upstream(&calls, |_, req| {
+            let cc = [("cache-control", "max-age=60")];
+            if req.headers().contains_key("range") {
+                res(206, &cc, "part")
+            } else if req.headers().contains_key("if-none-match") {
+                res(304, &cc, "")
+            } else {
+                res(200, &cc, "whole")
+            }
+        });
+        let (mut svc, _h) = http_cache(inner);
+        fetch(&mut svc, "/file", &[("range", "bytes=0-3")]).await;
+        let plain = fetch(&mut svc, "/file", &[]).await;
+        fetch(&mut svc, "/doc", &[("if-none-match", "\"v1\"")]).await;
+        let plain2 = fetch(&mut svc, "/doc", &[]).await;
+        assert_eq!(
+            (plain.status().as_u16(), plain2.status().as_u16()),
+            (200, 200)
+        );
+    }
+
+    /// `Age: 50` with `max-age=60` leaves 10 s of freshness (RFC 9111, 4.2.3); wired as the
+    /// docs suggest, the cache keeps it 60 s more.
+    #[tokio::test(start_paused = true)]
+    #[ignore = "defect: max_age ignores the Age header: a response already 50 s old with max-age=60 is cached 60 s more"]
+    async fn the_age_header_shortens_the_ttl() {
+        let calls = Count::default();
+        let inner = upstream(&calls, |_, _| {
+            res(200, &[("cache-control", "max-age=60"), ("age", "50")], "x")
+        });
+        let (mut svc, _h) = http_cache(inner);
+        fetch(&mut svc, "/aged", &[]).await;
+        advance(11 * S).await;
+        fetch(&mut svc, "/aged", &[]).await;
+        assert_eq!(calls.get(), 2, "stale after 10 s");
+    }
+
+    /// `must-revalidate` (RFC 9111, 5.2.2.2): once stale, a response must not be reused
+    /// without validation, even when the origin fails; the serve-stale-on-error path serves
+    /// it for `max_staleness` regardless (and ignores `stale-if-error`, RFC 5861).
+    #[tokio::test(start_paused = true)]
+    #[ignore = "defect: serve-stale-on-error serves a must-revalidate response after expiry"]
+    async fn must_revalidate_responses_are_never_served_stale() {
+        let calls = Count::default();
+        let c = calls.clone();
+        let inner = service_fn(move |_: Request<()>| {
+            c.incr();
+            let n = c.get();
+            async move {
+                match n {
+                    1 => Ok(res(
+                        200,
+                        &[("cache-control", "max-age=10, must-revalidate")],
+                        "v1",
+                    )),
+                    _ => Err(io::Error::other("connection refused")),
+                }
+            }
+        });
+        let (mut svc, _h) = http_cache(inner);
+        fetch(&mut svc, "/strict", &[]).await;
+        advance(11 * S).await;
+        let req = Request::get("https://api.example/strict").body(()).unwrap();
+        let after = svc.ready().await.unwrap().call(req).await;
+        assert!(after.is_err(), "served a stale must-revalidate response");
+        assert_eq!(calls.get(), 2);
+    }
+}
