@@ -24,6 +24,7 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_breakwater::BoxError;
 use tower_breakwater::cache::{CacheBuilder, CacheHandle, CacheLayer, FixedTtl};
 use tower_breakwater::error::{self, ErrorKind};
+use tower_breakwater::event::EventKind;
 
 const S: Duration = Duration::from_secs(1);
 
@@ -895,8 +896,11 @@ async fn scripted_sequence_metrics_are_exact() {
         3 => Step::Fail(0),
         _ => Step::Ok(0),
     });
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = events.clone();
     let layer = rec.install_while(|| {
         base()
+            .on_event(move |e| log.lock().unwrap().push(e.kind()))
             .max_staleness(30 * S)
             .stale_retry_interval(5 * S)
             .recompute_histogram(true)
@@ -953,6 +957,15 @@ async fn scripted_sequence_metrics_are_exact() {
             &[("name", "r")]
         ),
         Some(vec![2.0, 0.5, 0.0])
+    );
+    assert_eq!(
+        *events.lock().unwrap(),
+        [
+            EventKind::EarlyRefresh,
+            EventKind::RefreshFailed,
+            EventKind::StaleServed,
+            EventKind::StaleServed,
+        ]
     );
 }
 
@@ -1202,22 +1215,131 @@ fn an_early_refresh_outside_a_tokio_runtime_does_not_panic() {
     // -ln(MIN_POSITIVE) = 708: every read within 708 s of expiry refreshes.
     let layer = base().random(|| f64::MIN_POSITIVE).build().unwrap();
     let mut svc = layer.layer(up.service());
-    let paused = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap()
-    };
-    paused().block_on(async { get(&mut svc, 1).await.unwrap() }); // delta 1 s
+    paused_runtime().block_on(async { get(&mut svc, 1).await.unwrap() }); // delta 1 s
     // No runtime here: tokio's clock is the system clock, ~60 s before expiry.
     let hit = catch_unwind(AssertUnwindSafe(|| svc.call(1).now_or_never()));
     assert!(hit.is_ok(), "call panicked outside a runtime");
-    paused().block_on(async {
+    paused_runtime().block_on(async {
         assert_eq!(cached(&mut svc, 1), 1);
         run_tasks().await;
     });
     assert_eq!(up.calls.get(), 2, "the entry still refreshes early");
+}
+
+/// A paused current-thread runtime (its clock starts at the system clock's now).
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+/// An early refresh cancelled before it ends (its task dropped with the runtime that ran
+/// it: a per-request `block_on` runtime, a shutdown) leaves the entry's refresh flag set,
+/// like a panicking one: that entry never refreshes early again.
+#[test]
+#[ignore = "defect: a cancelled early refresh leaves the refresh-in-flight flag set (no early refresh until expiry)"]
+fn a_cancelled_early_refresh_leaves_no_flag_behind() {
+    let up = Up::new(|n| Step::Ok(if n == 1 { 1_000 } else { 10_000 }));
+    let layer = base().random(|| f64::MIN_POSITIVE).build().unwrap();
+    let mut svc = layer.layer(up.service());
+    paused_runtime().block_on(async { get(&mut svc, 1).await.unwrap() }); // delta 1 s
+    // Each runtime's clock starts ~60 s before expiry: within the 708 s window.
+    paused_runtime().block_on(async {
+        assert_eq!(cached(&mut svc, 1), 1);
+        run_tasks().await;
+    }); // the refresh (10 s) is dropped with its runtime
+    assert_eq!((up.calls.get(), up.drops.get()), (2, 2));
+    paused_runtime().block_on(async {
+        assert_eq!(cached(&mut svc, 1), 1);
+        run_tasks().await;
+    });
+    assert_eq!(up.calls.get(), 3, "the entry refreshes early again");
+}
+
+/// Where a probe is armed.
+type ProbeSlot = Arc<std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
+/// A value whose clone runs the armed probe, if any (once).
+struct Probed {
+    n: u64,
+    probe: ProbeSlot,
+}
+
+impl Clone for Probed {
+    fn clone(&self) -> Self {
+        let probe = self.probe.lock().unwrap().take();
+        if let Some(probe) = probe {
+            probe();
+        }
+        Probed {
+            n: self.n,
+            probe: self.probe.clone(),
+        }
+    }
+}
+
+/// One read on its own paused runtime.
+fn read_blocking<S>(svc: &S, k: u64) -> S::Response
+where
+    S: Service<u64, Error = BoxError> + Clone,
+{
+    let mut svc = svc.clone();
+    paused_runtime().block_on(async move { svc.ready().await.unwrap().call(k).await.unwrap() })
+}
+
+/// The hit path clones the value (user code: an `http::Response` clones its header map)
+/// while holding the shard's read lock (and a store clones it under the write lock): a
+/// store into that shard waits for the clone to end, and with `parking_lot`'s fair lock,
+/// so does every later read of the shard. Probe: during a hit's clone, another thread
+/// stores a key into the same (single) shard; it should complete while the clone runs.
+/// The 5 s bound only ends the wait when the store is blocked.
+#[test]
+#[ignore = "defect: a hit clones the value under the shard read lock (stores into the shard wait for user Clone code)"]
+fn a_store_completes_while_a_hit_clones_its_value() {
+    let probe = Arc::new(std::sync::Mutex::new(None));
+    let p = probe.clone();
+    let calls = Count::default();
+    let c = calls.clone();
+    let inner = service_fn(move |k: u64| {
+        c.incr();
+        let v = Probed {
+            n: k,
+            probe: p.clone(),
+        };
+        async move { Ok::<_, io::Error>(v) }
+    });
+    let layer = CacheLayer::builder()
+        .key(key_of as KeyFn)
+        .ttl(60 * S)
+        .max_entries(1) // one shard
+        .build()
+        .unwrap();
+    let svc = layer.layer(inner);
+    assert_eq!(read_blocking(&svc, 1).n, 1);
+    let writer_svc = svc.clone();
+    let stored_during_clone = Arc::new(AtomicBool::new(false));
+    let flag = stored_during_clone.clone();
+    let writer = Arc::new(std::sync::Mutex::new(None));
+    let w = writer.clone();
+    *probe.lock().unwrap() = Some(Box::new(move || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            assert_eq!(read_blocking(&writer_svc, 2).n, 2);
+            let _ = tx.send(()); // fails once the probe stopped waiting
+        });
+        flag.store(rx.recv_timeout(5 * S).is_ok(), Ordering::SeqCst);
+        *w.lock().unwrap() = Some(t);
+    }) as Box<dyn FnOnce() + Send>);
+    assert_eq!(read_blocking(&svc, 1).n, 1); // the hit: its clone runs the probe
+    let t = writer.lock().unwrap().take().expect("the probe ran");
+    t.join().unwrap();
+    assert_eq!(calls.get(), 2);
+    assert!(
+        stored_during_clone.load(Ordering::SeqCst),
+        "the store waited for the clone"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
