@@ -969,6 +969,27 @@ async fn scripted_sequence_metrics_are_exact() {
     );
 }
 
+/// Every other layer turns its duration histogram on with the shared
+/// `record_durations(true)` (which presets set); the cache ignores it and wants its own
+/// `recompute_histogram(true)`, so a user following the crate's convention gets no
+/// recompute histogram (although delta is measured anyway, at no extra cost).
+#[tokio::test(start_paused = true)]
+#[ignore = "defect: record_durations(true) does not turn the recompute histogram on (only recompute_histogram does)"]
+async fn record_durations_turns_the_recompute_histogram_on() {
+    let rec = TestRecorder::default();
+    let up = Up::new(|_| Step::Ok(2_000));
+    let layer = rec.install_while(|| base().record_durations(true).build().unwrap());
+    let mut svc = layer.layer(up.service());
+    get(&mut svc, 1).await.unwrap();
+    assert_eq!(
+        rec.histogram(
+            "breakwater_cache_recompute_duration_seconds",
+            &[("name", "r")]
+        ),
+        Some(vec![2.0])
+    );
+}
+
 /// An inner service that is not ready until an instant (a queue, a rate limiter, a
 /// connection pool), then answers through the wrapped service.
 struct ReadyAt<S> {
@@ -1109,6 +1130,44 @@ async fn the_back_off_holds_without_a_stale_value_too() {
         advance(ms(900)).await;
     }
     assert_eq!(up.calls.get(), 2, "one try in the 5 s interval");
+}
+
+/// During an outage, each retry after the back-off is a fetch that readers join: with an
+/// upstream that fails slowly (10 s, a connect timeout), every reader arriving during the
+/// retry waits for it, although a stale value within the maximum staleness is stored and
+/// the reader just before the retry got it at once. Expected (stale-while-revalidate, as
+/// for early refreshes): readers during a retry of a stale entry are answered at once.
+#[tokio::test(start_paused = true)]
+#[ignore = "defect: readers arriving during an outage retry wait for the slow failing upstream instead of getting the stored stale value"]
+async fn readers_during_an_outage_retry_get_the_stale_value_at_once() {
+    let up = Up::new(|n| {
+        if n == 1 {
+            Step::Ok(0)
+        } else {
+            Step::Fail(10_000)
+        }
+    });
+    let layer = base()
+        .max_staleness(120 * S)
+        .stale_retry_interval(5 * S)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(up.service());
+    get(&mut svc, 1).await.unwrap();
+    let t0 = Instant::now(); // expiry t0 + 60 s
+    at(t0 + 60 * S).await;
+    assert_eq!(get(&mut svc, 1).await.unwrap(), 1); // fails at t0 + 70 s: stale
+    at(t0 + 74 * S).await;
+    assert_eq!(cached(&mut svc, 1), 1, "backing off: stale at once");
+    at(t0 + 75 * S).await;
+    let retry = spawn_get(&svc, 1); // the retry, until t0 + 85 s
+    run_tasks().await;
+    assert_eq!(up.calls.get(), 3);
+    advance(S).await;
+    let during = svc.call(1).now_or_never();
+    assert_eq!(during.and_then(Result::ok), Some(1), "answered at once");
+    advance(10 * S).await;
+    assert_eq!(retry.await.unwrap().unwrap(), 1);
 }
 
 /// Key `None`: every request goes upstream, uncoalesced and uncounted; nothing is stored.
