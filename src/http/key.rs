@@ -1,5 +1,21 @@
-use http::header::{ACCEPT, AUTHORIZATION, HOST};
+use http::header::{
+    ACCEPT, AUTHORIZATION, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, RANGE,
+};
 use http::{HeaderName, HeaderValue, Method, Request, Uri};
+
+/// Request headers that make the response answer this one request only: `Range` (a `206`
+/// partial response, RFC 9110 section 14.2) and the preconditions `If-Match`, `If-None-Match`,
+/// `If-Modified-Since`, `If-Unmodified-Since` and `If-Range` (a `304` or `412`, RFC 9110
+/// section 13.1).
+const PER_REQUEST: [HeaderName; 6] = [
+    RANGE,
+    IF_MATCH,
+    IF_NONE_MATCH,
+    IF_MODIFIED_SINCE,
+    IF_UNMODIFIED_SINCE,
+    IF_RANGE,
+];
 
 /// The most request headers an [`HttpKey`] can include.
 pub const MAX_KEY_HEADERS: usize = 4;
@@ -77,7 +93,14 @@ impl RequestKey {
 /// - methods outside the allow-list (GET and HEAD by default; only [`SafeMethod`]s can be
 ///   allowed, so POST, PUT, PATCH and DELETE never get a key);
 /// - a request with more than one value for a chosen header (or for `Host`), which a single
-///   slot cannot represent exactly.
+///   slot cannot represent exactly;
+/// - a request carrying `Range` or a precondition (`If-None-Match`, `If-Modified-Since`,
+///   `If-Match`, `If-Unmodified-Since`, `If-Range`), unless that header is one of the key's
+///   headers: its answer (a `206` part, a `304` without body, a `412`) is meant for that
+///   request alone, and sharing it with a plain GET of the same URI would hand that GET a
+///   part or an empty body. With the header in the key, only requests carrying the same
+///   value share a key ([`is_storable`](super::is_storable) still refuses `206` and `304`
+///   responses, so such keys coalesce but cache only complete responses).
 ///
 /// Building a key clones the method, URI and header values: reference-count increments for
 /// `Bytes`-backed parts (a URI or header value freshly parsed from a `Vec` may allocate once
@@ -136,9 +159,17 @@ impl HttpKey {
         SafeMethod::of(method).is_some_and(|m| self.methods & m.bit() != 0)
     }
 
+    /// `true` if `headers` hold a `Range` or precondition header the key does not include.
+    fn is_per_request(&self, headers: &http::HeaderMap) -> bool {
+        !headers.is_empty()
+            && PER_REQUEST
+                .iter()
+                .any(|h| headers.contains_key(h) && !self.header_names().any(|k| k == h))
+    }
+
     /// The key of `req`, or `None` to pass it through (see the type docs).
     pub fn key<B>(&self, req: &Request<B>) -> Option<RequestKey> {
-        if !self.allows(req.method()) {
+        if !self.allows(req.method()) || self.is_per_request(req.headers()) {
             return None;
         }
         let single = |name: &HeaderName| -> Result<Option<HeaderValue>, ()> {
@@ -265,6 +296,32 @@ mod tests {
             .key(&get("/m/1").header(HOST, "b.internal").body(()).unwrap())
             .unwrap();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn range_and_conditional_requests_pass_through_unless_keyed() {
+        let k = HttpKey::new();
+        assert!(k.key(&get("https://r/").body(()).unwrap()).is_some());
+        for h in PER_REQUEST {
+            let req = get("https://r/").header(&h, "x").body(()).unwrap();
+            assert!(k.key(&req).is_none(), "{h}");
+            let keyed = HttpKey::new().headers([AUTHORIZATION, ACCEPT, h.clone()]);
+            let a = keyed.key(&req).expect("keyed header");
+            let b = get("https://r/").header(&h, "y").body(()).unwrap();
+            assert_ne!(Some(a), keyed.key(&b), "{h}");
+        }
+        let both = get("https://r/")
+            .header(RANGE, "bytes=0-3")
+            .header(IF_RANGE, "\"v1\"")
+            .body(())
+            .unwrap();
+        assert!(HttpKey::new().headers([RANGE]).key(&both).is_none());
+        assert!(
+            HttpKey::new()
+                .headers([RANGE, IF_RANGE])
+                .key(&both)
+                .is_some()
+        );
     }
 
     #[test]

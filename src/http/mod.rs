@@ -7,11 +7,41 @@
 //!   RFC 9110's forms (delay-seconds and HTTP-date); anything else is ignored.
 //! - [`HttpKey`]: request keys for coalescing and caching: method + full URI + chosen headers
 //!   (`Authorization` and `Accept` by default), only for safe methods (GET and HEAD by
-//!   default), so that one layer shared by several routes or callers never mixes responses.
-//! - [`is_storable`] and [`max_age`]: whether a response may be shared with other callers, and
-//!   for how long (`Cache-Control`, `Set-Cookie`, `Vary`).
+//!   default), so that one layer shared by several routes or callers never mixes responses;
+//!   `Range` and conditional requests pass through (their answers are for them alone).
+//! - [`is_storable`], [`max_age`] and [`stale_allowance`]: RFC 9111's rules for a cache
+//!   shared by several callers (which one layer is, even inside one client, so `private` is
+//!   never stored): whether a response may be stored (complete, reusable statuses only;
+//!   `Cache-Control`, `Set-Cookie`, `Vary`), for how long (`s-maxage` or `max-age` minus
+//!   `Age`, capped at 2^31 s), and how long it may be served stale when the origin fails
+//!   (none after `must-revalidate`, `proxy-revalidate`, `no-cache` or `s-maxage`;
+//!   `stale-if-error`).
 //! - [`rejection_response`]: turns our own rejections into a `503` or `429` response with
 //!   `Retry-After`, for server-side use.
+//!
+//! Wire a cache for HTTP as below: `ttl_fn` returns `None` (do not store) for what must not
+//! be shared.
+//!
+//! ```
+//! # #[cfg(feature = "cache")] {
+//! use http::{Request, Response};
+//! use tower_breakwater::cache::CacheLayer;
+//! use tower_breakwater::http::{HttpClassifier, HttpKey, is_storable, max_age};
+//!
+//! let keys = HttpKey::new();
+//! let rules = keys.clone();
+//! let layer = CacheLayer::builder()
+//!     .name("risk")
+//!     .key(move |req: &Request<()>| keys.key(req))
+//!     .ttl_fn(move |res: &Response<bytes::Bytes>| {
+//!         is_storable(res, &rules).then(|| max_age(res)).flatten()
+//!     })
+//!     .classifier(HttpClassifier::new())
+//!     .build()
+//!     .unwrap();
+//! # let _ = layer;
+//! # }
+//! ```
 //!
 //! Enabled by the `http` cargo feature.
 //!
@@ -37,7 +67,7 @@ mod key;
 mod response;
 mod retry_after;
 
-pub use cache_control::{is_storable, max_age};
+pub use cache_control::{is_storable, max_age, stale_allowance};
 pub use classify::HttpClassifier;
 pub use key::{HttpKey, MAX_KEY_HEADERS, RequestKey, SafeMethod};
 pub use response::rejection_response;
