@@ -93,6 +93,7 @@
 //! write lock when the refresh ends. A refresh whose task panics leaves the flag set: no
 //! further early refresh of that entry, but the fetch at expiry replaces it.
 
+mod fill;
 mod layer;
 mod service;
 mod store;
@@ -102,4 +103,4 @@ pub use layer::{
     TtlFn, Unset,
 };
 pub use service::{Cache, ResponseFuture};
-pub use store::TtlPolicy;
+pub use store::{RefreshMode, TtlPolicy};
