@@ -3,7 +3,8 @@
 //! With `CACHE_HIT_CALLS=n` set, runs `n` hits (after one filling miss) without criterion
 //! and exits: a fixed workload for an instruction counter, e.g.
 //! `CACHE_HIT_CALLS=200000 valgrind --tool=callgrind <bench binary>`; the difference of two
-//! runs with different `n`, divided by the difference of `n`, is the cost of one hit.
+//! runs with different `n`, divided by the difference of `n`, is the cost of one hit. With
+//! `CACHE_BASELINE=1` too, the same loop calls the inner service alone.
 
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 
@@ -34,10 +35,20 @@ fn benches(c: &mut Criterion) {
 
 criterion_group!(group, benches);
 
-/// `n` hits of one key, for an instruction counter.
+/// `n` hits of one key (or calls of the bare inner service), for an instruction counter.
 fn hits(n: u64) {
+    if std::env::var_os("CACHE_BASELINE").is_some() {
+        return calls(ready_inner(), n);
+    }
+    calls(cache(), n);
+}
+
+fn calls<S>(mut svc: S, n: u64)
+where
+    S: Service<u64, Response = u64>,
+    S::Error: std::fmt::Debug,
+{
     let rt = runtime();
-    let mut svc = cache();
     rt.block_on(async {
         for _ in 0..=n {
             let r = svc.ready().await.unwrap().call(1).await;

@@ -309,7 +309,8 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
     }
 
     /// How long past its expiry an entry may still be served when the upstream fails
-    /// (default zero: never serve stale).
+    /// (default zero: never serve stale). Past expiry plus this, reads of a failing key go
+    /// upstream (coalesced) each time unless a [`negative_ttl`](Self::negative_ttl) is set.
     pub fn max_staleness(mut self, d: Duration) -> Self {
         self.max_staleness = d;
         self

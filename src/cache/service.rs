@@ -15,7 +15,7 @@ use super::store::{
 };
 use crate::classify::Classify;
 use crate::clock::Instant;
-use crate::coalesce::core::Join;
+use crate::coalesce::core::{BoxFuture, Join};
 use crate::error::BoxError;
 use crate::upstream::Upstream;
 
@@ -87,7 +87,7 @@ where
 {
     type Response = R;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req, K, R, C, T>;
+    type Future = ResponseFuture<S, Req, K, R>;
 
     #[inline]
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -101,9 +101,11 @@ where
         };
         let typed = &self.typed;
         let ins = &typed.store.instruments;
-        let fetch = |key: K, fill, fallback, inline| ResponseFuture {
+        // The fill is boxed here (the core moves a boxed future as it is): one allocation
+        // per fetch, and a response future whose size does not grow with the inner service's.
+        let fetch = |key: K, fill: Fill<S, Req, K, R, C, T>, fallback, inline| ResponseFuture {
             kind: Kind::Fetch {
-                join: typed.fetches.join(key, fill),
+                join: typed.fetches.join(key, Box::pin(fill) as BoxFuture<_>),
                 fallback,
                 inline,
                 ins: ins.clone(),
@@ -142,12 +144,11 @@ where
     }
 }
 
-type FetchJoin<S, Req, K, R, C, T> =
-    Join<K, Fill<S, Req, K, R, C, T>, Fetched<R>, Fetched<R>, Arc<Instruments>>;
+type FetchJoin<K, R> = Join<K, BoxFuture<Fetched<R>>, Fetched<R>, Fetched<R>, Arc<Instruments>>;
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<S, Req, K, R, C, T>
+    enum Kind<S, Req, K, R>
     where
         S: Service<Req>,
         R: Send,
@@ -155,7 +156,7 @@ pin_project! {
     {
         Ready { res: Option<Result<R, BoxError>> },
         Fetch {
-            join: FetchJoin<S, Req, K, R, C, T>,
+            join: FetchJoin<K, R>,
             // The stored value to serve if the fetch fails, and until when.
             fallback: Option<Fallback<R>>,
             // An inline early refresh (its read was counted as a hit).
@@ -176,26 +177,24 @@ pin_project! {
     /// # Panics
     ///
     /// When polled after it returned `Ready`.
-    pub struct ResponseFuture<S, Req, K, R, C, T>
+    pub struct ResponseFuture<S, Req, K, R>
     where
         S: Service<Req>,
         R: Send,
         R: 'static,
     {
         #[pin]
-        kind: Kind<S, Req, K, R, C, T>,
+        kind: Kind<S, Req, K, R>,
     }
 }
 
-impl<S: Service<Req>, Req, K, R: Send + 'static, C, T> fmt::Debug
-    for ResponseFuture<S, Req, K, R, C, T>
-{
+impl<S: Service<Req>, Req, K, R: Send + 'static> fmt::Debug for ResponseFuture<S, Req, K, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<S: Service<Req>, Req, K, R: Send + 'static, C, T> ResponseFuture<S, Req, K, R, C, T> {
+impl<S: Service<Req>, Req, K, R: Send + 'static> ResponseFuture<S, Req, K, R> {
     #[inline]
     fn ready(res: Result<R, BoxError>) -> Self {
         ResponseFuture {
@@ -210,16 +209,12 @@ impl<S: Service<Req>, Req, K, R: Send + 'static, C, T> ResponseFuture<S, Req, K,
     }
 }
 
-impl<S, Req, K, R, C, T> Future for ResponseFuture<S, Req, K, R, C, T>
+impl<S, Req, K, R> Future for ResponseFuture<S, Req, K, R>
 where
-    S: Service<Req, Response = R> + Send + 'static,
-    S::Future: Send + 'static,
+    S: Service<Req, Response = R>,
     S::Error: Into<BoxError>,
-    Req: Send + 'static,
-    K: Hash + Eq + Clone + Send + Sync + 'static,
+    K: Hash + Eq + Send + 'static,
     R: Clone + Send + Sync + 'static,
-    C: Classify<R>,
-    T: TtlPolicy<R>,
 {
     type Output = Result<R, BoxError>;
 
