@@ -501,6 +501,35 @@ mod tests {
         }
     }
 
+    /// The precomputed window never skips a read that some `u` could refresh: with the
+    /// smallest positive `u` (-ln u = 744.4), a read 744 * beta * delta before expiry
+    /// refreshes, and it lies inside the window; 746 * beta * delta before, nothing can, and
+    /// the window opens about there.
+    #[test]
+    fn the_window_holds_every_read_that_could_refresh() {
+        let tiny: RandomFn = Arc::new(|| f64::from_bits(1));
+        let stored = Instant::now();
+        let delta = Duration::from_millis(1_500);
+        for beta in [0.001, 1.0, 3.0] {
+            let scale = delta.mul_f64(beta);
+            let expiry = stored + scale * 1_000;
+            let window = window_start(stored, expiry, delta, beta);
+            let could = expiry - scale * 744;
+            assert!(window <= could, "beta {beta}");
+            assert!(xfetch(could, expiry, delta, beta, &tiny), "beta {beta}");
+            let never = expiry - scale * 746;
+            assert!(!xfetch(never, expiry, delta, beta, &tiny), "beta {beta}");
+            assert!(
+                window > expiry - scale * 747,
+                "beta {beta}: not needlessly early"
+            );
+        }
+        // A window longer than the entry's life opens when it was stored.
+        let expiry = stored + Duration::from_secs(10);
+        assert_eq!(window_start(stored, expiry, delta, 1.0), stored);
+        assert_eq!(window_start(stored, expiry, Duration::ZERO, 1.0), expiry);
+    }
+
     #[test]
     fn far_from_expiry_or_zero_delta_draws_nothing() {
         let drawn = Arc::new(AtomicU64::new(0));
