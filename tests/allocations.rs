@@ -495,6 +495,24 @@ mod cache {
         })
     }
 
+    /// A miss boxes the shared fetch once (in the coalescing core); nothing else allocates.
+    /// The TTL function stores nothing, so that every call misses.
+    #[test]
+    fn miss_allocates_one_box() {
+        let rt = runtime();
+        let layer = CacheLayer::builder()
+            .key(|k: &u32| Some(*k))
+            .ttl_fn(|_: &u32| None)
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        assert_eq!(
+            allocs_per_call(&rt, tower::Layer::layer(&layer, inner()), 1),
+            CALLS
+        );
+        assert_eq!(h.snapshot().counter("misses"), Some(100 + 3 * CALLS));
+    }
+
     #[test]
     fn hit_allocates_nothing_without_a_recorder() {
         let rt = runtime();

@@ -14,7 +14,9 @@ use futures_util::FutureExt;
 use support::{Count, TestRecorder};
 use tokio::time::{advance, sleep};
 use tower::{Layer, Service, ServiceExt, service_fn};
-use tower_breakwater::cache::CacheLayer;
+use tower_breakwater::cache::{
+    CacheBuilder, CacheHandle, CacheLayer, FetchError, FixedTtl, RefreshMode,
+};
 use tower_breakwater::error::LayerKind;
 
 const S: Duration = Duration::from_secs(1);
@@ -27,12 +29,13 @@ async fn settle() {
 }
 
 /// The upstream: counts calls, takes `delay` (paused time), answers with its call number,
-/// or fails while `fail` is set.
+/// or fails while `fail` is set, or panics (before its delay) while `panic` is set.
 #[derive(Clone, Default)]
 struct Up {
     calls: Count,
     delay_ms: Arc<AtomicU64>,
     fail: Arc<AtomicBool>,
+    panic: Arc<AtomicBool>,
 }
 
 impl Up {
@@ -57,6 +60,7 @@ impl Up {
             async move {
                 up.calls.incr();
                 let n = up.calls.get();
+                assert!(!up.panic.load(Ordering::SeqCst), "upstream panics");
                 sleep(Duration::from_millis(up.delay_ms.load(Ordering::SeqCst))).await;
                 if up.fail.load(Ordering::SeqCst) {
                     Err(io::Error::other("down"))
@@ -83,25 +87,33 @@ impl U {
 
 type Svc = tower::util::BoxCloneService<u64, u64, tower_breakwater::BoxError>;
 
-fn cache(
-    up: &Up,
-    u: &U,
-    beta: f64,
-    staleness: Duration,
-) -> (Svc, tower_breakwater::cache::CacheHandle) {
+type Builder = CacheBuilder<u64, u64, fn(&u64) -> Option<u64>, FixedTtl>;
+
+fn key(k: &u64) -> Option<u64> {
+    Some(*k)
+}
+
+/// Name `c`, TTL 60 s, `beta`, `staleness`, 5 s retry interval, `u` from `u`.
+fn builder(u: &U, beta: f64, staleness: Duration) -> Builder {
     let u = u.clone();
-    let layer = CacheLayer::builder()
+    CacheLayer::builder()
         .name("c")
-        .key(|k: &u64| Some(*k))
+        .key(key as fn(&u64) -> Option<u64>)
         .ttl(60 * S)
         .beta(beta)
         .max_staleness(staleness)
         .stale_retry_interval(5 * S)
         .random(move || u.get())
-        .build()
-        .unwrap();
+}
+
+fn service(up: &Up, b: Builder) -> (Svc, CacheHandle) {
+    let layer = b.build().unwrap();
     let handle = layer.handle();
     (Svc::new(layer.layer(up.service())), handle)
+}
+
+fn cache(up: &Up, u: &U, beta: f64, staleness: Duration) -> (Svc, CacheHandle) {
+    service(up, builder(u, beta, staleness))
 }
 
 async fn read(svc: &mut Svc) -> Result<u64, tower_breakwater::BoxError> {
@@ -118,10 +130,19 @@ fn read_now(svc: &mut Svc) -> u64 {
 
 /// Fills key 1 with an upstream that takes 2 s: stored at t0 + 2 s, expiry at t0 + 62 s;
 /// returns with the clock at the store instant.
-async fn filled(beta: f64, u: f64) -> (Up, U, Svc, tower_breakwater::cache::CacheHandle) {
+async fn filled(beta: f64, u: f64) -> (Up, U, Svc, CacheHandle) {
+    filled_with(beta, u, |b| b).await
+}
+
+/// As `filled`, with more settings.
+async fn filled_with(
+    beta: f64,
+    u: f64,
+    more: impl FnOnce(Builder) -> Builder,
+) -> (Up, U, Svc, CacheHandle) {
     let up = Up::new(2 * S);
     let u = U::new(u);
-    let (mut svc, h) = cache(&up, &u, beta, Duration::ZERO);
+    let (mut svc, h) = service(&up, more(builder(&u, beta, Duration::ZERO)));
     assert_eq!(read(&mut svc).await.unwrap(), 1);
     assert_eq!(up.calls.get(), 1);
     (up, u, svc, h)
@@ -403,4 +424,255 @@ fn bad_config_is_a_config_error() {
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "stale_retry_interval");
+    let e = CacheLayer::builder()
+        .key(k)
+        .ttl(S)
+        .negative_ttl(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "negative_ttl");
+    for beta in [f64::MIN_POSITIVE, f64::MAX] {
+        assert!(
+            CacheLayer::builder()
+                .key(k)
+                .ttl(S)
+                .beta(beta)
+                .build()
+                .is_ok()
+        );
+    }
+}
+
+/// A read as a task of its own (the paused clock moves while it waits).
+fn spawn_read(svc: &Svc) -> tokio::task::JoinHandle<Result<u64, tower_breakwater::BoxError>> {
+    let mut svc = svc.clone();
+    tokio::spawn(async move { read(&mut svc).await })
+}
+
+#[tokio::test(start_paused = true)]
+async fn inline_refresh_makes_the_starting_read_wait_and_serves_the_others_at_once() {
+    let inline = |b: Builder| b.refresh_mode(RefreshMode::Inline);
+    let (up, _u, mut svc, h) = filled_with(1.0, (-1f64).exp(), inline).await;
+    advance(Duration::from_millis(58_500)).await; // 1.5 s before expiry: in the 2 s window
+    let starter = spawn_read(&svc);
+    settle().await;
+    assert_eq!(up.calls.get(), 2, "the read started one refresh");
+    for _ in 0..10 {
+        assert_eq!(
+            read_now(&mut svc),
+            1,
+            "reads during the refresh get the current value"
+        );
+    }
+    settle().await;
+    assert_eq!(up.calls.get(), 2, "at most one refresh in flight");
+    advance(Duration::from_millis(1_999)).await;
+    settle().await;
+    assert!(
+        !starter.is_finished(),
+        "the starting read waits for the refresh (2 s)"
+    );
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(starter.await.unwrap().unwrap(), 2, "and gets the new value");
+    assert_eq!(read_now(&mut svc), 2);
+    let s = h.snapshot();
+    assert_eq!(s.counter("early_refreshes"), Some(1));
+    assert_eq!(
+        (s.counter("hits"), s.counter("misses")),
+        (Some(12), Some(1))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_inline_refresh_gives_the_starting_read_the_value_it_found() {
+    let inline = |b: Builder| b.refresh_mode(RefreshMode::Inline);
+    let (up, _u, mut svc, h) = filled_with(1.0, (-1f64).exp(), inline).await;
+    up.fail.store(true, Ordering::SeqCst);
+    up.set_delay(S);
+    advance(Duration::from_millis(58_500)).await;
+    let starter = spawn_read(&svc);
+    settle().await;
+    advance(S).await; // the refresh fails, 0.5 s before expiry
+    assert_eq!(starter.await.unwrap().unwrap(), 1);
+    assert_eq!(read_now(&mut svc), 1, "the good value stays");
+    assert_eq!(up.calls.get(), 2);
+    let s = h.snapshot();
+    assert_eq!(
+        (s.counter("refresh_errors"), s.counter("stale")),
+        (Some(1), Some(0))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_inline_refresh_lets_the_next_early_read_start_one() {
+    let inline = |b: Builder| b.refresh_mode(RefreshMode::Inline);
+    let (up, _u, mut svc, h) = filled_with(1.0, (-1f64).exp(), inline).await;
+    advance(Duration::from_millis(58_500)).await;
+    let starter = spawn_read(&svc);
+    settle().await;
+    assert_eq!(up.calls.get(), 2);
+    starter.abort(); // the refresh's only caller leaves: the refresh is dropped
+    settle().await;
+    let again = spawn_read(&svc);
+    settle().await;
+    assert_eq!(up.calls.get(), 3, "exactly one new refresh");
+    assert_eq!(read_now(&mut svc), 1);
+    settle().await;
+    assert_eq!(up.calls.get(), 3);
+    advance(2 * S).await;
+    assert_eq!(again.await.unwrap().unwrap(), 3);
+    assert_eq!(h.snapshot().counter("early_refreshes"), Some(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_refresh_clears_the_flag_and_the_next_early_read_starts_one() {
+    let (up, _u, mut svc, h) = filled(1.0, (-1f64).exp()).await;
+    up.panic.store(true, Ordering::SeqCst);
+    advance(Duration::from_millis(58_500)).await;
+    assert_eq!(read_now(&mut svc), 1);
+    settle().await; // the refresh's upstream call panics
+    assert_eq!(up.calls.get(), 2);
+    up.panic.store(false, Ordering::SeqCst);
+    assert_eq!(read_now(&mut svc), 1);
+    settle().await;
+    assert_eq!(up.calls.get(), 3, "exactly one new refresh");
+    for _ in 0..5 {
+        assert_eq!(read_now(&mut svc), 1);
+    }
+    settle().await;
+    assert_eq!(up.calls.get(), 3, "and only one");
+    advance(2 * S).await;
+    settle().await;
+    assert_eq!(read_now(&mut svc), 3);
+    assert_eq!(h.snapshot().counter("early_refreshes"), Some(2));
+}
+
+/// Up, failing; a cache with `more` settings, 10 s staleness; the value 1 stored at t0
+/// (expiry t0 + 60 s), then the clock at t0 + 70 s (past the staleness) and the upstream
+/// down.
+async fn expired_and_down(more: impl FnOnce(Builder) -> Builder) -> (Up, Svc, CacheHandle) {
+    let up = Up::new(Duration::ZERO);
+    let (mut svc, h) = service(&up, more(builder(&U::new(1.0), 1.0, 10 * S)));
+    assert_eq!(read(&mut svc).await.unwrap(), 1);
+    up.fail.store(true, Ordering::SeqCst);
+    advance(70 * S).await;
+    (up, svc, h)
+}
+
+fn fetch_error(e: &tower_breakwater::BoxError) -> String {
+    e.downcast_ref::<FetchError>()
+        .expect("a FetchError")
+        .inner()
+        .to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_negative_ttl_every_read_past_staleness_goes_upstream_coalesced() {
+    let (up, mut svc, h) = expired_and_down(|b| b).await;
+    for n in 2..=4 {
+        assert_eq!(fetch_error(&read(&mut svc).await.unwrap_err()), "down");
+        assert_eq!(up.calls.get(), n, "each read goes upstream");
+    }
+    up.set_delay(S);
+    let reads: Vec<_> = (0..5).map(|_| spawn_read(&svc)).collect();
+    settle().await;
+    advance(S).await;
+    for r in reads {
+        assert!(r.await.unwrap().is_err());
+    }
+    assert_eq!(up.calls.get(), 5, "concurrent reads share one call");
+    assert_eq!(h.snapshot().counter("negative"), Some(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn negative_ttl_remembers_a_failure_with_no_value_to_serve() {
+    let (up, mut svc, h) = expired_and_down(|b| b.negative_ttl(10 * S)).await;
+    let first = read(&mut svc).await.unwrap_err(); // t0 + 70 s: fails, remembered to t0 + 80 s
+    assert_eq!(fetch_error(&first), "down");
+    assert_eq!(up.calls.get(), 2);
+    for _ in 0..9 {
+        advance(S).await;
+        let e = read(&mut svc).await.unwrap_err();
+        assert_eq!(fetch_error(&e), "down", "the remembered error");
+    }
+    advance(Duration::from_millis(999)).await;
+    assert!(read(&mut svc).await.is_err());
+    assert_eq!(up.calls.get(), 2, "no upstream call while remembered");
+    advance(Duration::from_millis(1)).await; // t0 + 80 s: forgotten
+    up.fail.store(false, Ordering::SeqCst);
+    assert_eq!(read(&mut svc).await.unwrap(), 3);
+    assert_eq!(read(&mut svc).await.unwrap(), 3);
+    let s = h.snapshot();
+    assert_eq!(s.counter("negative"), Some(10));
+    assert_eq!(s.counter("refresh_errors"), Some(1));
+    assert_eq!(s.gauge("entries"), Some(1.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn negative_ttl_never_replaces_a_value_that_may_be_served() {
+    let up = Up::new(Duration::ZERO);
+    let more = |b: Builder| b.negative_ttl(30 * S);
+    let (mut svc, h) = service(&up, more(builder(&U::new(1.0), 1.0, 10 * S)));
+    // A failed first fetch, with nothing stored: remembered.
+    up.fail.store(true, Ordering::SeqCst);
+    assert!(read(&mut svc).await.is_err());
+    assert!(read(&mut svc).await.is_err());
+    assert_eq!(up.calls.get(), 1);
+    advance(30 * S).await;
+    up.fail.store(false, Ordering::SeqCst);
+    assert_eq!(read(&mut svc).await.unwrap(), 2); // stored at t0 + 30 s, expiry t0 + 90 s
+    up.fail.store(true, Ordering::SeqCst);
+    advance(60 * S).await; // expired: the fetch fails, the stale value is served
+    assert_eq!(read(&mut svc).await.unwrap(), 2);
+    assert_eq!(up.calls.get(), 3);
+    advance(5 * S).await; // past the 5 s back-off, within the 10 s staleness
+    assert_eq!(read(&mut svc).await.unwrap(), 2);
+    assert_eq!(up.calls.get(), 4);
+    advance(5 * S).await; // expiry + staleness: this failure leaves nothing to serve
+    assert!(read(&mut svc).await.is_err());
+    assert!(read(&mut svc).await.is_err());
+    assert_eq!(up.calls.get(), 5);
+    let s = h.snapshot();
+    assert_eq!(
+        (s.counter("negative"), s.counter("stale")),
+        (Some(2), Some(2))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn random_values_outside_the_unit_interval_never_refresh_and_never_panic() {
+    for bad in [0.0, -1.0, f64::NAN, 1.5, f64::INFINITY, f64::NEG_INFINITY] {
+        let (up, _u, mut svc, h) = filled(1.0, bad).await;
+        for _ in 0..20 {
+            // Reads across the TTL, every one close enough to expiry (745 * delta) to draw `u`.
+            advance(Duration::from_millis(2_950)).await;
+            assert_eq!(read_now(&mut svc), 1);
+        }
+        settle().await;
+        assert_eq!(up.calls.get(), 1, "u = {bad}");
+        assert_eq!(h.snapshot().counter("early_refreshes"), Some(0));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_largest_durations_and_beta_neither_overflow_nor_panic() {
+    let up = Up::new(S);
+    let layer = CacheLayer::builder()
+        .key(key as fn(&u64) -> Option<u64>)
+        .ttl(Duration::MAX)
+        .beta(f64::MAX)
+        .max_staleness(Duration::MAX)
+        .stale_retry_interval(Duration::MAX)
+        .negative_ttl(Duration::MAX)
+        .random(|| 1.0)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(up.service());
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+    advance(86_400 * S).await;
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+    up.fail.store(true, Ordering::SeqCst);
+    assert!(svc.ready().await.unwrap().call(2).await.is_err());
+    assert!(svc.ready().await.unwrap().call(2).await.is_err());
+    assert_eq!(up.calls.get(), 2);
 }

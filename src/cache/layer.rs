@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use tower::{Layer, Service};
 
 use super::Cache;
-use super::store::{self, Instruments, RandomFn, Settings, Store, TtlPolicy};
+use super::store::{self, Fetched, Instruments, RandomFn, RefreshMode, Settings, Store, TtlPolicy};
 use crate::classify::{Classify, DefaultClassifier};
 use crate::coalesce::core::{End, Hooks, Role, Table};
 use crate::config::{Common, ConfigError, common_builder_methods};
@@ -18,25 +18,24 @@ use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
 use crate::metrics::names;
 use crate::snapshot::Snapshot;
 
-/// The value a shared fetch gives its callers: the response, or the shared error.
-pub(super) type Shared<R> = Result<R, Arc<BoxError>>;
-
 /// The in-flight table of one store.
-pub(super) type Fetches<K, R> = Table<K, Result<R, BoxError>, Shared<R>, Arc<Instruments>>;
+pub(super) type Fetches<K, R> = Table<K, Fetched<R>, Fetched<R>, Arc<Instruments>>;
 
-impl<R: Send + 'static> Hooks<Result<R, BoxError>, Shared<R>> for Arc<Instruments> {
+impl<R: Send + 'static> Hooks<Fetched<R>, Fetched<R>> for Arc<Instruments> {
     fn joined(&self, _role: Role) {}
 
     fn ended(&self, _end: End, _followers: u64) {}
 
-    fn complete(&self, out: Result<R, BoxError>) -> Shared<R> {
-        out.map_err(Arc::new)
+    fn complete(&self, out: Fetched<R>) -> Fetched<R> {
+        out
     }
 
-    fn panicked(&self) -> Shared<R> {
-        Err(Arc::new(
-            BreakwaterError::new(ErrorKind::Panicked, LayerKind::Cache, self.name.clone()).into(),
-        ))
+    fn panicked(&self) -> Fetched<R> {
+        let e = BreakwaterError::new(ErrorKind::Panicked, LayerKind::Cache, self.name.clone());
+        Fetched {
+            res: Err(Arc::new(e.into())),
+            success: false,
+        }
     }
 }
 
@@ -47,8 +46,9 @@ pub(super) struct Typed<K, R, C, T> {
 }
 
 /// The error of a fetch that failed with no stale value to serve: the upstream error, shared
-/// by every caller of the fetch (`source()` is the upstream error;
-/// [`error::find`](crate::error::find) sees through it).
+/// by every caller of the fetch and, with a [negative TTL](CacheBuilder::negative_ttl), by
+/// every read that gets the remembered failure (one `Arc`, cloned; `source()` is the
+/// upstream error; [`error::find`](crate::error::find) sees through it).
 #[derive(Debug, Clone)]
 pub struct FetchError {
     inner: Arc<BoxError>,
@@ -164,6 +164,8 @@ pub struct CacheBuilder<Req = (), K = (), F = Unset, T = Unset, C = DefaultClass
     max_entries: usize,
     max_staleness: Duration,
     stale_retry_interval: Duration,
+    negative_ttl: Option<Duration>,
+    mode: RefreshMode,
     random: Option<RandomFn>,
     seed: Option<u64>,
     recompute_histogram: bool,
@@ -178,6 +180,8 @@ impl<Req, K, F, T, C> fmt::Debug for CacheBuilder<Req, K, F, T, C> {
             .field("max_entries", &self.max_entries)
             .field("max_staleness", &self.max_staleness)
             .field("stale_retry_interval", &self.stale_retry_interval)
+            .field("negative_ttl", &self.negative_ttl)
+            .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
 }
@@ -193,6 +197,8 @@ impl Default for CacheBuilder {
             max_entries: DEFAULT_MAX_ENTRIES,
             max_staleness: Duration::ZERO,
             stale_retry_interval: Duration::from_secs(1),
+            negative_ttl: None,
+            mode: RefreshMode::Background,
             random: None,
             seed: None,
             recompute_histogram: false,
@@ -225,6 +231,8 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
             max_entries: self.max_entries,
             max_staleness: self.max_staleness,
             stale_retry_interval: self.stale_retry_interval,
+            negative_ttl: self.negative_ttl,
+            mode: self.mode,
             random: self.random,
             seed: self.seed,
             recompute_histogram: self.recompute_histogram,
@@ -242,6 +250,8 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
             max_entries: self.max_entries,
             max_staleness: self.max_staleness,
             stale_retry_interval: self.stale_retry_interval,
+            negative_ttl: self.negative_ttl,
+            mode: self.mode,
             random: self.random,
             seed: self.seed,
             recompute_histogram: self.recompute_histogram,
@@ -275,6 +285,8 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
             max_entries: self.max_entries,
             max_staleness: self.max_staleness,
             stale_retry_interval: self.stale_retry_interval,
+            negative_ttl: self.negative_ttl,
+            mode: self.mode,
             random: self.random,
             seed: self.seed,
             recompute_histogram: self.recompute_histogram,
@@ -297,7 +309,8 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
     }
 
     /// How long past its expiry an entry may still be served when the upstream fails
-    /// (default zero: never serve stale).
+    /// (default zero: never serve stale). Past expiry plus this, reads of a failing key go
+    /// upstream (coalesced) each time unless a [`negative_ttl`](Self::negative_ttl) is set.
     pub fn max_staleness(mut self, d: Duration) -> Self {
         self.max_staleness = d;
         self
@@ -310,10 +323,31 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
         self
     }
 
-    /// The random source of XFetch: `f()` returns `u`, uniform in `(0.0, 1.0]` (a value
-    /// `<= 0` always refreshes, a value `> 1` or NaN never does). Called only by reads of a
-    /// fresh entry close enough to expiry for some `u` to trigger a refresh. Replaces the
-    /// default seeded source.
+    /// Remember a failed fetch that left no value to serve (none stored, or past its expiry
+    /// plus the maximum staleness) for `ttl`: reads of its key during that time get the
+    /// failure (the shared [`FetchError`], or the response the classifier did not call a
+    /// success) at once, with no upstream call. > 0; default off: failures are never
+    /// stored, and such reads go upstream (coalesced) each time. See
+    /// [negative caching](crate::cache#negative-caching).
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// How early refreshes run: [`RefreshMode::Background`] (the default) or
+    /// [`RefreshMode::Inline`] (the read that starts one waits for it, as in the XFetch
+    /// paper). See the [modes](crate::cache#modes).
+    pub fn refresh_mode(mut self, mode: RefreshMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The random source of XFetch: `f()` returns `u`, uniform in `(0.0, 1.0]`. A value
+    /// outside that interval (zero, negative, NaN, above 1, infinite) counts as `u = 1`:
+    /// that read does not refresh early (nothing panics; a source that returns such values
+    /// only turns early refresh off). Called only by reads of a fresh entry close enough to
+    /// expiry for some `u` to trigger a refresh, and not while a refresh of that entry is in
+    /// flight. Replaces the default seeded source.
     pub fn random(mut self, f: impl Fn() -> f64 + Send + Sync + 'static) -> Self {
         self.random = Some(Arc::new(f));
         self
@@ -344,7 +378,8 @@ where
     /// # Errors
     ///
     /// A [`ConfigError`] when the name is empty, no TTL was given or a fixed TTL is zero,
-    /// `beta` is not a finite number > 0, `max_entries` is 0, or `stale_retry_interval` is 0.
+    /// `beta` is not a finite number > 0 (zero, negative, NaN, infinite), `max_entries` is
+    /// 0, `stale_retry_interval` is 0, or a negative TTL is 0.
     pub fn build(self) -> Result<CacheLayer<Req, K, F, T, C>, ConfigError> {
         let v = self.common.validator(LayerKind::Cache)?;
         match self.ttl.fixed() {
@@ -355,9 +390,12 @@ where
         let beta = v.positive_finite("beta", self.beta)?;
         v.at_least_one("max_entries", self.max_entries as u64)?;
         v.positive_duration("stale_retry_interval", self.stale_retry_interval)?;
+        if let Some(ttl) = self.negative_ttl {
+            v.positive_duration("negative_ttl", ttl)?;
+        }
         let reg = self.common.registrar();
-        let lookups =
-            ["hit", "miss", "stale"].map(|r| reg.counter(&names::CACHE_LOOKUPS, &[("result", r)]));
+        let lookups = ["hit", "miss", "stale", "negative"]
+            .map(|r| reg.counter(&names::CACHE_LOOKUPS, &[("result", r)]));
         let instruments = Instruments {
             name: v.name().clone(),
             lookups,
@@ -376,6 +414,8 @@ where
             beta,
             max_staleness: self.max_staleness,
             stale_retry_interval: self.stale_retry_interval,
+            negative_ttl: self.negative_ttl,
+            mode: self.mode,
             max_entries: self.max_entries,
             random: self.random.unwrap_or_else(|| store::splitmix(seed)),
         };
@@ -438,8 +478,9 @@ impl<Req, K, F, T, C> fmt::Debug for CacheLayer<Req, K, F, T, C> {
 
 impl CacheLayer<(), (), Unset, Unset> {
     /// A builder with defaults: name `"default"`, no key function and no TTL (both required),
-    /// beta 1.0, [`DEFAULT_MAX_ENTRIES`], no stale serving, a 1 s retry interval, a randomly
-    /// seeded random source, the default classifier and metrics profile.
+    /// beta 1.0, [`DEFAULT_MAX_ENTRIES`], no stale serving, a 1 s retry interval, no negative
+    /// caching, background refresh, a randomly seeded random source, the default classifier
+    /// and metrics profile.
     pub fn builder() -> CacheBuilder {
         CacheBuilder::default()
     }
@@ -500,9 +541,9 @@ impl CacheHandle {
         &self.state.instruments.name
     }
 
-    /// A snapshot: kind `cache`, no state; counters `hits`, `misses`, `stale` (lookups by
-    /// result), `early_refreshes` and `refresh_errors`, since the layer was built; gauge
-    /// `entries` (entries held now).
+    /// A snapshot: kind `cache`, no state; counters `hits`, `misses`, `stale`, `negative`
+    /// (lookups by result), `early_refreshes` and `refresh_errors`, since the layer was
+    /// built; gauge `entries` (entries held now, remembered failures included).
     pub fn snapshot(&self) -> Snapshot {
         let c = &self.state.instruments.counts;
         let get = |i: usize| c[i].load(Ordering::Relaxed);
@@ -510,6 +551,7 @@ impl CacheHandle {
             .with_counter("hits", get(store::HIT))
             .with_counter("misses", get(store::MISS))
             .with_counter("stale", get(store::STALE))
+            .with_counter("negative", get(store::NEGATIVE))
             .with_counter("early_refreshes", get(store::EARLY))
             .with_counter("refresh_errors", get(store::ERRORS))
             .with_gauge("entries", get(store::ENTRIES) as f64)

@@ -33,36 +33,73 @@
 //! - **Keys.** The [key function](CacheBuilder::key) maps a request to `Some(key)`, or to
 //!   `None` to pass it through uncached and uncoalesced.
 //! - **Entries.** Only responses the [classifier](CacheBuilder::classifier) calls
-//!   [`Success`](crate::classify::Outcome::Success) are stored (with the HTTP classifier, an
-//!   `Ok` carrying a 503 is not); errors are never stored. An entry holds the value, its
-//!   **expiry** (a [`tokio::time::Instant`]: the instant it was stored plus its TTL, fixed
-//!   with [`ttl`](CacheBuilder::ttl) or computed from the response with
-//!   [`ttl_fn`](CacheBuilder::ttl_fn)) and its **delta** (a [`std::time::Duration`]: how long
-//!   the upstream computation that produced it took, from the first poll of the upstream
-//!   call to its result, on tokio's clock).
+//!   [`Success`](crate::classify::Outcome::Success) are stored as values (with the HTTP
+//!   classifier, an `Ok` carrying a 503 is not). An entry holds the value, its **expiry** (a
+//!   [`tokio::time::Instant`]: the instant it was stored plus its TTL, fixed with
+//!   [`ttl`](CacheBuilder::ttl) or computed from the response with
+//!   [`ttl_fn`](CacheBuilder::ttl_fn); a sum past the clock's range saturates at about 30
+//!   years from now) and its **delta** (a [`std::time::Duration`]: how long the upstream
+//!   computation that produced it took, from the first poll of the upstream call to its
+//!   result, on tokio's clock).
 //! - **Responses must be `Clone`** (`+ Send + Sync`): a hit returns a clone. HTTP users
 //!   buffer bodies to `Bytes` first (cheap clones); for large values map them to `Arc<_>`.
 //! - **Miss, or read after expiry**: the value is fetched through the coalescing core:
 //!   concurrent misses for one key make one upstream call, every caller gets its result.
 //! - **XFetch** (Vattani, Chierichetti, Lowenstein, "Optimal Probabilistic Cache Stampede
 //!   Prevention", PVLDB 8(8), 2015): a read of a fresh entry at `now` starts an early
-//!   refresh when `now - delta * beta * ln(u) >= expiry`, `u` uniform in `(0, 1]` from the
-//!   [random source](CacheBuilder::random) (a seeded SplitMix64 by default), `beta` > 0
-//!   ([`beta`](CacheBuilder::beta), default 1.0). Equivalently, with `r` = time left, the
-//!   refresh probability of a read is `exp(-r / (beta * delta))`. The refresh runs
-//!   **detached** in the background (the coalescing core's detached mode, a task on the
-//!   current tokio runtime); the reader that triggered it, and every read during it, get
-//!   the cached value at once (stale-while-revalidate). At most one early refresh per key is
-//!   in flight. When it succeeds the new value, expiry and delta replace the old ones.
-//!   An inline mode (the triggering reader waits) is not offered.
+//!   refresh when `now - delta * beta * ln(u) >= expiry` (computed in seconds, as `f64`),
+//!   `u` uniform in `(0, 1]` from the [random source](CacheBuilder::random) (a seeded
+//!   SplitMix64 by default), `beta` > 0 ([`beta`](CacheBuilder::beta), default 1.0).
+//!   Equivalently, with `r` = time left, the refresh probability of a read is
+//!   `exp(-r / (beta * delta))`. An entry with a zero delta (an upstream that answered
+//!   without tokio's clock moving) never refreshes early. A `u` outside `(0, 1]` from an
+//!   injected source (zero, negative, NaN, above 1) counts as `u = 1`: no early refresh on
+//!   that read, never a panic. At most one early refresh per key is in flight, and every
+//!   other read during it gets the stored value at once (stale-while-revalidate). When it
+//!   succeeds the new value, expiry and delta replace the old ones; when it fails the old
+//!   value stays.
 //! - **Serve-stale-on-error.** When a refresh or a fetch fails (an error, or a response the
 //!   classifier does not call a success), the failure is recorded
 //!   (`refresh_errors`, [`RefreshFailed`](crate::event::EventKind::RefreshFailed)), the
-//!   stored value is kept, and for [`stale_retry_interval`](CacheBuilder::stale_retry_interval)
-//!   no request for that key goes upstream. A failed fetch is answered with the stored
-//!   value while it is within [`max_staleness`](CacheBuilder::max_staleness) of its expiry
-//!   (and with a [`FetchError`] otherwise); reads while backing off get that stale value at
-//!   once. Past expiry plus the maximum staleness, a value is never served.
+//!   stored value is kept (a failure never overwrites a value that may still be served),
+//!   and for [`stale_retry_interval`](CacheBuilder::stale_retry_interval) no request for
+//!   that key goes upstream. A failed fetch is answered with the stored value while it is
+//!   within [`max_staleness`](CacheBuilder::max_staleness) of its expiry (and with a
+//!   [`FetchError`], or the response the classifier rejected, otherwise); reads while
+//!   backing off get that stale value at once. Past expiry plus the maximum staleness, a
+//!   value is never served.
+//! - **Past expiry plus the maximum staleness**, without a negative TTL, every read goes
+//!   upstream (concurrent reads coalesced into one call) and gets the failure when it
+//!   fails again: the back-off applies only while there is a stale value to serve. To
+//!   protect a failing upstream from that load, configure a negative TTL.
+//!
+//! # Modes
+//!
+//! [`refresh_mode`](CacheBuilder::refresh_mode) chooses how an early refresh runs:
+//!
+//! - [`RefreshMode::Background`] (the default): **detached** through the coalescing core's
+//!   detached mode (a task on the current tokio runtime); the read that triggered it gets
+//!   the cached value at once, like every other read.
+//! - [`RefreshMode::Inline`], as in the paper: the read that triggered it waits for the new
+//!   value (driving the refresh on its own task; if it fails, that read gets the value it
+//!   found while that may still be served, counted as the hit it was). Concurrent reads during it still get the cached
+//!   value at once. If the waiting read is dropped, the refresh is dropped with it (it has
+//!   no other caller), and a later read in the window may start another.
+//!
+//! Either way the refresh is a shared call of the coalescing core: a read that finds the
+//! entry expired while the refresh runs joins it instead of starting another call.
+//!
+//! # Negative caching
+//!
+//! Off by default: errors are never stored. With
+//! [`negative_ttl`](CacheBuilder::negative_ttl), a failed fetch that leaves no value to
+//! serve (none was stored, or it is past its expiry plus the maximum staleness) is
+//! remembered for that TTL: reads of its key get the failure at once, with no upstream
+//! call, counted as `negative` lookups. The remembered failure is what the fetch's callers
+//! got: its error is not `Clone`, so, as the coalescing core does for the callers of one
+//! call, it is shared behind an `Arc` and each read gets a [`FetchError`] holding a clone
+//! of that `Arc` (a rejected response is cloned). A failure never replaces a value that may
+//! still be served. Remembered failures take entries of the capacity like values.
 //!
 //! # Capacity and eviction
 //!
@@ -71,28 +108,39 @@
 //! most four per core and at most `max_entries`), each a `hashbrown` table under a
 //! `parking_lot::RwLock`, holding at most `max_entries / n` entries. Inserting a new key in
 //! a full shard evicts that shard's entry with the earliest expiry (an expired one first,
-//! since it expires earliest): a scan of one shard, on inserts only.
+//! since it expires earliest): a scan of one shard, on inserts only. Keys are hashed with
+//! `foldhash` (fast, seeded per store at random; not a cryptographic hash: the bounded
+//! shards bound what colliding keys can cost).
 //!
 //! # Hit path
 //!
-//! A hit hashes the key, takes one shard's read lock, clones the value and counts the hit;
-//! it allocates nothing beyond the value's clone and draws a random number only within the
-//! window where some `u` can trigger a refresh (`r <= 745 * beta * delta`).
+//! A hit reads tokio's clock once (the expiry check needs `now`), hashes the key, takes one
+//! shard's read lock, clones the value and counts the hit (one metric handle, one atomic
+//! add); it allocates nothing beyond the value's clone. Each entry stores the instant its
+//! XFetch window opens, `expiry - 746 * beta * delta` (no `u` in `(0, 1]` can trigger a
+//! refresh before it, since `-ln(u) <= 744.5` for every positive `f64`): reads before it
+//! skip XFetch with one comparison, and only reads within it draw `u` and evaluate the
+//! exact condition above.
 //!
 //! # Admission and `Clone`
 //!
 //! `poll_ready` is always ready and reserves nothing. Fetches, refreshes and pass-through
 //! calls drive a clone of the inner service (polling its readiness first), hence the bound
-//! `S: Clone`. A miss allocates (the shared fetch is boxed); a hit does not.
+//! `S: Clone`. A miss allocates once (its shared fetch, boxed, so that the response future
+//! stays small); a read that finds a remembered failure allocates the boxed error; a hit
+//! allocates nothing.
 //!
 //! # Concurrency
 //!
 //! Per-key state is an entry under a shard lock plus the coalescing core's in-flight table
 //! (checked in its own module); the only lock-free flag, "early refresh in flight", is set
-//! with one `swap` so exactly one reader starts a refresh, and cleared under the shard's
-//! write lock when the refresh ends. A refresh whose task panics leaves the flag set: no
-//! further early refresh of that entry, but the fetch at expiry replaces it.
+//! with one `swap` so exactly one reader starts a refresh. It is cleared under the shard's
+//! write lock when the refresh records its result, and otherwise by a guard the refresh
+//! owns, on every other exit: its upstream call panicked (the coalescing core catches the
+//! panic and drops the refresh), or it was dropped unfinished. So a panicking refresh never
+//! stops later early refreshes of its entry.
 
+mod fill;
 mod layer;
 mod service;
 mod store;
@@ -102,4 +150,4 @@ pub use layer::{
     TtlFn, Unset,
 };
 pub use service::{Cache, ResponseFuture};
-pub use store::TtlPolicy;
+pub use store::{RefreshMode, TtlPolicy};

@@ -1,4 +1,3 @@
-use crate::upstream::Upstream;
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
@@ -9,12 +8,16 @@ use std::task::{Context, Poll};
 use pin_project_lite::pin_project;
 use tower::Service;
 
-use super::layer::{FetchError, Shared, Typed};
-use super::store::{HIT, Instruments, Lookup, MISS, STALE, TtlPolicy};
+use super::fill::Fill;
+use super::layer::{FetchError, Typed};
+use super::store::{
+    Fallback, Fetched, HIT, Instruments, Lookup, MISS, NEGATIVE, RefreshMode, STALE, TtlPolicy,
+};
 use crate::classify::Classify;
 use crate::clock::Instant;
 use crate::coalesce::core::{BoxFuture, Join};
 use crate::error::BoxError;
+use crate::upstream::Upstream;
 
 /// A caching service, made by [`CacheLayer`](super::CacheLayer).
 ///
@@ -70,29 +73,6 @@ impl<S, K, R, F, T, C> Cache<S, K, R, F, T, C> {
     }
 }
 
-/// The shared computation of a key: the upstream call, timed, then stored.
-async fn fill<S, Req, K, R, C, T>(
-    svc: S,
-    req: Req,
-    key: K,
-    typed: Arc<Typed<K, R, C, T>>,
-) -> Result<R, BoxError>
-where
-    S: Service<Req, Response = R> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    Req: Send + 'static,
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    R: Clone + Send + Sync + 'static,
-    C: Classify<R>,
-    T: TtlPolicy<R>,
-{
-    let start = Instant::now();
-    let res = Upstream::new(svc, req).await;
-    typed.store.finish(key, &res, start.elapsed());
-    res
-}
-
 impl<S, K, R, F, T, C, Req> Service<Req> for Cache<S, K, R, F, T, C>
 where
     S: Service<Req, Response = R> + Clone + Send + 'static,
@@ -114,51 +94,57 @@ where
         Poll::Ready(Ok(()))
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let Some(key) = (self.key)(&req) else {
             return ResponseFuture::pass(Upstream::new(self.inner.clone(), req));
         };
         let typed = &self.typed;
         let ins = &typed.store.instruments;
+        // The fill is boxed here (the core moves a boxed future as it is): one allocation
+        // per fetch, and a response future whose size does not grow with the inner service's.
+        let fetch = |key: K, fill: Fill<S, Req, K, R, C, T>, fallback, inline| ResponseFuture {
+            kind: Kind::Fetch {
+                join: typed.fetches.join(key, Box::pin(fill) as BoxFuture<_>),
+                fallback,
+                inline,
+                ins: ins.clone(),
+            },
+        };
         match typed.store.lookup(&key, Instant::now()) {
-            Lookup::Hit(value, early) => {
+            Lookup::Hit(value, None) => {
                 ins.lookup(HIT);
-                if early {
-                    ins.early_refresh();
-                    let fut = fill(self.inner.clone(), req, key.clone(), typed.clone());
-                    drop(typed.fetches.spawn_detached(key, fut, None));
+                ResponseFuture::ready(Ok(value))
+            }
+            Lookup::Hit(value, Some(until)) => {
+                ins.lookup(HIT);
+                ins.early_refresh();
+                let fill = Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), true);
+                match typed.store.settings.mode {
+                    RefreshMode::Background => {
+                        drop(typed.fetches.spawn_detached(key, fill, None));
+                        ResponseFuture::ready(Ok(value))
+                    }
+                    RefreshMode::Inline => fetch(key, fill, Some((value, until)), true),
                 }
-                ResponseFuture::ready(value)
             }
             Lookup::Stale(value) => {
                 ins.lookup(STALE);
-                ResponseFuture::ready(value)
+                ResponseFuture::ready(Ok(value))
             }
-            Lookup::Fetch => {
-                let fut = fill(self.inner.clone(), req, key.clone(), typed.clone());
-                let join = typed
-                    .fetches
-                    .join(key.clone(), Box::pin(fut) as BoxFuture<_>);
-                let typed = typed.clone();
-                let stale: StaleFn<K, R> =
-                    Box::new(move |key: &K| typed.store.stale(key, Instant::now()));
-                ResponseFuture {
-                    kind: Kind::Fetch {
-                        join,
-                        key: Some(key),
-                        stale: Some(stale),
-                        ins: ins.clone(),
-                    },
-                }
+            Lookup::Failed(res) => {
+                ins.lookup(NEGATIVE);
+                ResponseFuture::ready(res.map_err(|e| FetchError::new(e).into()))
+            }
+            Lookup::Fetch(fallback) => {
+                let fill = Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), false);
+                fetch(key, fill, fallback, false)
             }
         }
     }
 }
 
-type StaleFn<K, R> = Box<dyn FnOnce(&K) -> Option<R> + Send>;
-
-type FetchJoin<K, R> =
-    Join<K, BoxFuture<Result<R, BoxError>>, Result<R, BoxError>, Shared<R>, Arc<Instruments>>;
+type FetchJoin<K, R> = Join<K, BoxFuture<Fetched<R>>, Fetched<R>, Fetched<R>, Arc<Instruments>>;
 
 pin_project! {
     #[project = KindProj]
@@ -168,11 +154,13 @@ pin_project! {
         R: Send,
         R: 'static,
     {
-        Ready { value: Option<R> },
+        Ready { res: Option<Result<R, BoxError>> },
         Fetch {
             join: FetchJoin<K, R>,
-            key: Option<K>,
-            stale: Option<StaleFn<K, R>>,
+            // The stored value to serve if the fetch fails, and until when.
+            fallback: Option<Fallback<R>>,
+            // An inline early refresh (its read was counted as a hit).
+            inline: bool,
             ins: Arc<Instruments>,
         },
         Pass { #[pin] fut: Upstream<S, Req> },
@@ -180,14 +168,15 @@ pin_project! {
 }
 
 pin_project! {
-    /// The response future of [`Cache`]: a cached value (ready at once), a share of the
-    /// fetch of its key (then, when the fetch fails, the stale value if one is still within
-    /// the maximum staleness, else a [`FetchError`]), or an uncached call.
+    /// The response future of [`Cache`]: a cached value or remembered failure (ready at
+    /// once), a share of the fetch of its key (then, when the fetch fails, the stored value
+    /// if it is still within the maximum staleness, else a [`FetchError`]), a share of an
+    /// inline early refresh (then, when it fails, the value the read found), or an uncached
+    /// call.
     ///
     /// # Panics
     ///
-    /// When polled after it returned `Ready`; with the panic of the shared fetch when this
-    /// caller was polling it.
+    /// When polled after it returned `Ready`.
     pub struct ResponseFuture<S, Req, K, R>
     where
         S: Service<Req>,
@@ -206,9 +195,10 @@ impl<S: Service<Req>, Req, K, R: Send + 'static> fmt::Debug for ResponseFuture<S
 }
 
 impl<S: Service<Req>, Req, K, R: Send + 'static> ResponseFuture<S, Req, K, R> {
-    fn ready(value: R) -> Self {
+    #[inline]
+    fn ready(res: Result<R, BoxError>) -> Self {
         ResponseFuture {
-            kind: Kind::Ready { value: Some(value) },
+            kind: Kind::Ready { res: Some(res) },
         }
     }
 
@@ -231,37 +221,28 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Ready { value } => {
-                Poll::Ready(Ok(value.take().expect("polled after completion")))
-            }
+            KindProj::Ready { res } => Poll::Ready(res.take().expect("polled after completion")),
             KindProj::Pass { fut } => fut.poll(cx),
             KindProj::Fetch {
                 join,
-                key,
-                stale,
+                fallback,
+                inline,
                 ins,
             } => {
-                let res = std::task::ready!(Pin::new(join).poll(cx));
-                Poll::Ready(match res {
-                    Ok(v) => {
-                        ins.lookup(MISS);
-                        Ok(v)
-                    }
-                    Err(e) => {
-                        let key = key.take().expect("polled after completion");
-                        let stale = stale.take().expect("polled after completion");
-                        match stale(&key) {
-                            Some(v) => {
-                                ins.lookup(STALE);
-                                Ok(v)
-                            }
-                            None => {
-                                ins.lookup(MISS);
-                                Err(FetchError::new(e).into())
-                            }
-                        }
-                    }
-                })
+                let Fetched { res, success } = std::task::ready!(Pin::new(join).poll(cx));
+                let fallback = match success {
+                    true => None,
+                    false => fallback.take().filter(|(_, until)| Instant::now() < *until),
+                };
+                let (result, out) = match fallback {
+                    Some((v, _)) => (STALE, Ok(v)),
+                    None => (MISS, res.map_err(|e| FetchError::new(e).into())),
+                };
+                // An inline refresh's read was counted as a hit when it started.
+                if !*inline {
+                    ins.lookup(result);
+                }
+                Poll::Ready(out)
             }
         }
     }

@@ -1,13 +1,14 @@
 //! The bounded, sharded store of cached entries, the XFetch decision and the random source.
 
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram};
+use foldhash::fast::RandomState;
 use hashbrown::HashTable;
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockWriteGuard};
 use rand_xoshiro::SplitMix64;
 use rand_xoshiro::rand_core::{RngCore, SeedableRng};
 
@@ -33,11 +34,17 @@ pub(crate) fn splitmix(seed: u64) -> RandomFn {
     })
 }
 
+/// The largest `-ln(u)` over every positive `f64` `u` is 744.44 (`u` = 4.9e-324, the
+/// smallest subnormal), so with `r` left a read can refresh early only if
+/// `r <= 745 * beta * delta`.
+const MAX_MINUS_LN_U: f64 = 745.0;
+
 /// XFetch (Vattani, Chierichetti, Lowenstein, PVLDB 2015): whether a read at `now`, before
 /// `expiry`, refreshes early: `now - delta * beta * ln(u) >= expiry`.
 ///
-/// `u` is drawn only when some `u` in `(0, 1]` can trigger a refresh (`-ln(u) <= 745` for
-/// every positive `f64`), so reads far from expiry cost no draw.
+/// `u` is drawn only when some `u` in `(0, 1]` can trigger a refresh
+/// (`r <= 745 * beta * delta`), so reads far from expiry cost no draw. A drawn `u` outside
+/// `(0, 1]` (zero, negative, NaN, above 1) counts as `u = 1`: no early refresh.
 #[inline]
 pub(crate) fn xfetch(
     now: Instant,
@@ -51,40 +58,61 @@ pub(crate) fn xfetch(
     }
     let r = (expiry - now).as_secs_f64();
     let scale = delta.as_secs_f64() * beta;
-    if r > scale * 745.0 {
+    if r > scale * MAX_MINUS_LN_U {
         return false;
     }
     let u = random();
-    if u.is_nan() || u > 1.0 {
+    if !(u > 0.0 && u <= 1.0) {
         return false;
     }
-    if u <= 0.0 {
-        return true;
-    }
     -scale * u.ln() >= r
+}
+
+/// The first instant at which a read of an entry stored at `stored`, expiring at `expiry`,
+/// with `delta`, can refresh early: `expiry - 746 * beta * delta` (one unit of
+/// `beta * delta` beyond [`xfetch`]'s bound, so float rounding never skips a read that could
+/// refresh), no earlier than `stored`; `expiry` when `delta` is zero. Reads before it skip
+/// XFetch entirely; reads after it run [`xfetch`], whose decision is exact.
+fn window_start(stored: Instant, expiry: Instant, delta: Duration, beta: f64) -> Instant {
+    if delta.is_zero() {
+        return expiry;
+    }
+    let span = Duration::try_from_secs_f64(delta.as_secs_f64() * beta * (MAX_MINUS_LN_U + 1.0))
+        .unwrap_or(Duration::MAX);
+    expiry.checked_sub(span).map_or(stored, |w| w.max(stored))
+}
+
+/// `at + d`, saturating at about 30 years after `at` (tokio's own "far future") instead of
+/// overflowing.
+pub(crate) fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(86_400 * 365 * 30)))
+        .unwrap_or(at)
 }
 
 /// Metric handles, counts and listeners of one cache instance, registered at build time.
 #[derive(Debug)]
 pub(crate) struct Instruments {
     pub(crate) name: Arc<str>,
-    /// By result: hit, miss, stale.
-    pub(crate) lookups: [Counter; 3],
+    /// By result: hit, miss, stale, negative.
+    pub(crate) lookups: [Counter; 4],
     pub(crate) early: Counter,
     pub(crate) errors: Counter,
     pub(crate) entries: Gauge,
     pub(crate) recompute: Option<Histogram>,
     pub(crate) events: Events,
-    /// Snapshot counts: hits, misses, stale, early refreshes, refresh errors, entries.
-    pub(crate) counts: [AtomicU64; 6],
+    /// Snapshot counts: hits, misses, stale, negative, early refreshes, refresh errors,
+    /// entries.
+    pub(crate) counts: [AtomicU64; 7],
 }
 
 pub(crate) const HIT: usize = 0;
 pub(crate) const MISS: usize = 1;
 pub(crate) const STALE: usize = 2;
-pub(crate) const EARLY: usize = 3;
-pub(crate) const ERRORS: usize = 4;
-pub(crate) const ENTRIES: usize = 5;
+pub(crate) const NEGATIVE: usize = 3;
+pub(crate) const EARLY: usize = 4;
+pub(crate) const ERRORS: usize = 5;
+pub(crate) const ENTRIES: usize = 6;
 
 impl Instruments {
     #[inline]
@@ -119,39 +147,86 @@ impl Instruments {
     }
 }
 
+/// How an early refresh runs; see the [module docs](crate::cache#modes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RefreshMode {
+    /// Detached on the current tokio runtime: the read that starts the refresh returns the
+    /// cached value at once (the default).
+    #[default]
+    Background,
+    /// As in the XFetch paper: the read that starts the refresh waits for the new value
+    /// (and gets the cached value if the refresh fails); other reads during the refresh
+    /// return the cached value at once.
+    Inline,
+}
+
 /// Settings shared by every store of a layer.
 #[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) beta: f64,
     pub(crate) max_staleness: Duration,
     pub(crate) stale_retry_interval: Duration,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) mode: RefreshMode,
     pub(crate) max_entries: usize,
     pub(crate) random: RandomFn,
 }
 
-/// One cached value.
-pub(crate) struct Entry<K, R> {
+/// The value a shared fetch gives its callers: the response, or the upstream error shared
+/// by all of them.
+pub(crate) type Shared<R> = Result<R, Arc<BoxError>>;
+
+/// The result of one upstream computation, as every caller of its fetch receives it.
+#[derive(Clone)]
+pub(crate) struct Fetched<R> {
+    pub(crate) res: Shared<R>,
+    /// The classifier called it a success.
+    pub(crate) success: bool,
+}
+
+/// What an entry holds.
+enum Stored<R> {
+    /// A value.
+    Value(R),
+    /// A remembered failure (negative caching): an error, or a response the classifier did
+    /// not call a success.
+    Failed(Shared<R>),
+}
+
+/// One cached value or remembered failure.
+struct Entry<K, R> {
     hash: u64,
     key: K,
-    pub(crate) value: R,
-    /// Stored-at plus TTL, on tokio's clock.
-    pub(crate) expiry: Instant,
+    value: Stored<R>,
+    /// A value: stored-at plus TTL; a failure: until when it is remembered. On tokio's clock.
+    expiry: Instant,
+    /// From this instant to `expiry`, reads run XFetch (see [`window_start`]).
+    window: Instant,
+    /// `expiry` plus the maximum staleness (saturating): a value is never served from then.
+    stale_until: Instant,
     /// Duration of the computation that produced `value`.
-    pub(crate) delta: Duration,
+    delta: Duration,
     /// An early refresh of this entry is in flight.
     refreshing: AtomicBool,
     /// After a failure: no upstream call for this key before this instant.
     retry_at: Option<Instant>,
 }
 
+/// A value a failed fetch may serve instead: the stored value, and the instant from which it
+/// may no longer be served.
+pub(crate) type Fallback<R> = (R, Instant);
+
 /// What a read found.
 pub(crate) enum Lookup<R> {
-    /// A fresh value; `true` when this read starts an early refresh.
-    Hit(R, bool),
+    /// A fresh value; when this read starts an early refresh, the instant from which the
+    /// value may no longer be served (its expiry plus the maximum staleness).
+    Hit(R, Option<Instant>),
     /// An expired value within the maximum staleness, served while backing off.
     Stale(R),
-    /// Nothing usable: fetch.
-    Fetch,
+    /// A remembered failure.
+    Failed(Shared<R>),
+    /// Nothing usable: fetch, falling back on the expired value when there is one.
+    Fetch(Option<Fallback<R>>),
 }
 
 #[repr(align(128))]
@@ -173,6 +248,19 @@ pub(crate) struct Store<K, R, C, T> {
 pub trait TtlPolicy<Res>: Clone + Send + Sync + 'static {
     /// The TTL of `res`, or `None` to not store it.
     fn ttl(&self, res: &Res) -> Option<Duration>;
+}
+
+/// What the classifier and the TTL policy said of an upstream result.
+pub(crate) struct Verdict {
+    success: bool,
+    /// The TTL to store it with (a success with a TTL > 0 only).
+    ttl: Option<Duration>,
+}
+
+impl Verdict {
+    pub(crate) fn success(&self) -> bool {
+        self.success
+    }
 }
 
 impl<K, R, C, T> Store<K, R, C, T>
@@ -200,7 +288,7 @@ where
                 .collect(),
             mask: n - 1,
             per_shard: settings.max_entries / n,
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             settings,
             instruments,
             classifier,
@@ -213,73 +301,127 @@ where
         &self.shards[(hash >> 32) as usize & self.mask].0
     }
 
-    /// A read at `now` (shard read lock; clones the value).
+    /// A read at `now` (shard read lock; clones the value). A fresh entry before its XFetch
+    /// window costs two comparisons beyond the lookup.
     #[inline]
     pub(crate) fn lookup(&self, key: &K, now: Instant) -> Lookup<R> {
         let hash = self.hasher.hash_one(key);
         let shard = self.shard(hash).read();
         let Some(e) = shard.find(hash, |e| e.key == *key) else {
-            return Lookup::Fetch;
+            return Lookup::Fetch(None);
         };
-        let backing_off = e.retry_at.is_some_and(|t| now < t);
-        if now < e.expiry {
-            let s = &self.settings;
-            let early = !backing_off
-                && !e.refreshing.load(Ordering::Relaxed)
-                && xfetch(now, e.expiry, e.delta, s.beta, &s.random)
-                && !e.refreshing.swap(true, Ordering::AcqRel);
-            return Lookup::Hit(e.value.clone(), early);
+        match &e.value {
+            Stored::Value(v) if now < e.expiry => {
+                let early = now >= e.window && self.starts_refresh(e, now);
+                Lookup::Hit(v.clone(), early.then_some(e.stale_until))
+            }
+            Stored::Value(v) if now < e.stale_until => {
+                if e.retry_at.is_some_and(|t| now < t) {
+                    Lookup::Stale(v.clone())
+                } else {
+                    Lookup::Fetch(Some((v.clone(), e.stale_until)))
+                }
+            }
+            Stored::Failed(f) if now < e.expiry => Lookup::Failed(f.clone()),
+            _ => Lookup::Fetch(None),
         }
-        if backing_off && now < e.expiry + self.settings.max_staleness {
-            return Lookup::Stale(e.value.clone());
-        }
-        Lookup::Fetch
     }
 
-    /// The value of `key` if it expired no more than the maximum staleness before `now`.
-    pub(crate) fn stale(&self, key: &K, now: Instant) -> Option<R> {
-        let hash = self.hasher.hash_one(key);
-        let shard = self.shard(hash).read();
-        let e = shard.find(hash, |e| e.key == *key)?;
-        (now < e.expiry + self.settings.max_staleness).then(|| e.value.clone())
+    /// XFetch for a read at `now` within the window of fresh entry `e`: exactly one reader
+    /// sets the entry's refresh flag.
+    #[inline(never)]
+    fn starts_refresh(&self, e: &Entry<K, R>, now: Instant) -> bool {
+        let s = &self.settings;
+        e.retry_at.is_none_or(|t| now >= t)
+            && !e.refreshing.load(Ordering::Relaxed)
+            && xfetch(now, e.expiry, e.delta, s.beta, &s.random)
+            && !e.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Classifies an upstream result and computes its TTL (user code: run it while the
+    /// caller still holds the key, so that a panic here still clears the refresh flag).
+    pub(crate) fn judge(&self, res: &Shared<R>) -> Verdict {
+        let success = matches!(
+            self.classifier.classify(res.as_ref().map_err(|e| &**e)),
+            Outcome::Success
+        );
+        let ttl = match res {
+            Ok(r) if success => self.ttl.ttl(r).filter(|t| !t.is_zero()),
+            _ => None,
+        };
+        Verdict { success, ttl }
     }
 
     /// Records the result of an upstream computation for `key` that took `delta`.
-    pub(crate) fn finish(&self, key: K, res: &Result<R, BoxError>, delta: Duration) {
+    pub(crate) fn finish(&self, key: K, res: &Shared<R>, verdict: &Verdict, delta: Duration) {
         let now = Instant::now();
-        let ttl = match self.classifier.classify(res.as_ref()) {
-            Outcome::Success => res.as_ref().ok().and_then(|r| self.ttl.ttl(r)),
-            _ => {
-                self.instruments.refresh_failed();
-                let hash = self.hasher.hash_one(&key);
-                let mut shard = self.shard(hash).write();
-                if let Some(e) = shard.find_mut(hash, |e| e.key == key) {
-                    e.refreshing.store(false, Ordering::Relaxed);
-                    e.retry_at = Some(now + self.settings.stale_retry_interval);
-                }
-                return;
-            }
-        };
+        if !verdict.success {
+            return self.failed(key, res, now);
+        }
         if let Some(h) = &self.instruments.recompute {
             h.record(delta.as_secs_f64());
         }
         let hash = self.hasher.hash_one(&key);
         let mut shard = self.shard(hash).write();
-        let (Some(ttl), Ok(value)) = (ttl.filter(|t| !t.is_zero()), res) else {
+        let (Some(ttl), Ok(value)) = (verdict.ttl, res) else {
             if let Some(e) = shard.find_mut(hash, |e| e.key == key) {
                 e.refreshing.store(false, Ordering::Relaxed);
             }
             return;
         };
+        let expiry = later(now, ttl);
         let entry = Entry {
             hash,
             key,
-            value: value.clone(),
-            expiry: now + ttl,
+            value: Stored::Value(value.clone()),
+            expiry,
+            window: window_start(now, expiry, delta, self.settings.beta),
+            stale_until: later(expiry, self.settings.max_staleness),
             delta,
             refreshing: AtomicBool::new(false),
             retry_at: None,
         };
+        self.put(shard, entry);
+    }
+
+    /// A failed computation: the failure is counted, the stored value kept (and, while it
+    /// may be served, its key backs off); with a negative TTL, a key with no value left to
+    /// serve remembers the failure.
+    fn failed(&self, key: K, res: &Shared<R>, now: Instant) {
+        self.instruments.refresh_failed();
+        let s = &self.settings;
+        let until = s.negative_ttl.map(|ttl| later(now, ttl));
+        let hash = self.hasher.hash_one(&key);
+        let mut shard = self.shard(hash).write();
+        if let Some(e) = shard.find_mut(hash, |e| e.key == key) {
+            e.refreshing.store(false, Ordering::Relaxed);
+            e.retry_at = Some(later(now, s.stale_retry_interval));
+            let servable = matches!(e.value, Stored::Value(_)) && now < e.stale_until;
+            if let (false, Some(until)) = (servable, until) {
+                e.value = Stored::Failed(res.clone());
+                (e.expiry, e.window, e.stale_until) = (until, until, until);
+            }
+            return;
+        }
+        let Some(until) = until else { return };
+        let entry = Entry {
+            hash,
+            key,
+            value: Stored::Failed(res.clone()),
+            expiry: until,
+            window: until,
+            stale_until: until,
+            delta: Duration::ZERO,
+            refreshing: AtomicBool::new(false),
+            retry_at: None,
+        };
+        self.put(shard, entry);
+    }
+
+    /// Stores `entry` in its shard (locked), replacing the entry of its key or, in a full
+    /// shard, evicting the entry that expires first.
+    fn put(&self, mut shard: RwLockWriteGuard<'_, HashTable<Entry<K, R>>>, entry: Entry<K, R>) {
+        let hash = entry.hash;
         if let Some(e) = shard.find_mut(hash, |e| e.key == entry.key) {
             *e = entry;
             return;
@@ -299,6 +441,15 @@ where
         drop(shard);
         if added != 0 {
             self.instruments.entries(added);
+        }
+    }
+
+    /// Clears the refresh flag of `key`'s entry: a refresh that ended without recording a
+    /// result (its upstream call panicked, or it was dropped unfinished).
+    pub(crate) fn end_refresh(&self, key: &K) {
+        let hash = self.hasher.hash_one(key);
+        if let Some(e) = self.shard(hash).write().find_mut(hash, |e| e.key == *key) {
+            e.refreshing.store(false, Ordering::Relaxed);
         }
     }
 
@@ -348,6 +499,35 @@ mod tests {
             assert!(u > 0.0 && u <= 1.0);
             assert_eq!(u.to_bits(), b().to_bits());
         }
+    }
+
+    /// The precomputed window never skips a read that some `u` could refresh: with the
+    /// smallest positive `u` (-ln u = 744.4), a read 744 * beta * delta before expiry
+    /// refreshes, and it lies inside the window; 746 * beta * delta before, nothing can, and
+    /// the window opens about there.
+    #[test]
+    fn the_window_holds_every_read_that_could_refresh() {
+        let tiny: RandomFn = Arc::new(|| f64::from_bits(1));
+        let stored = Instant::now();
+        let delta = Duration::from_millis(1_500);
+        for beta in [0.001, 1.0, 3.0] {
+            let scale = delta.mul_f64(beta);
+            let expiry = stored + scale * 1_000;
+            let window = window_start(stored, expiry, delta, beta);
+            let could = expiry - scale * 744;
+            assert!(window <= could, "beta {beta}");
+            assert!(xfetch(could, expiry, delta, beta, &tiny), "beta {beta}");
+            let never = expiry - scale * 746;
+            assert!(!xfetch(never, expiry, delta, beta, &tiny), "beta {beta}");
+            assert!(
+                window > expiry - scale * 747,
+                "beta {beta}: not needlessly early"
+            );
+        }
+        // A window longer than the entry's life opens when it was stored.
+        let expiry = stored + Duration::from_secs(10);
+        assert_eq!(window_start(stored, expiry, delta, 1.0), stored);
+        assert_eq!(window_start(stored, expiry, Duration::ZERO, 1.0), expiry);
     }
 
     #[test]

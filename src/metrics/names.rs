@@ -269,12 +269,13 @@ pub const COALESCE_FOLLOWERS: MetricSpec = histogram(
 // ---- cache --------------------------------------------------------------------------------
 
 /// Lookups by `result`: `hit` (fresh), `miss` (absent or expired, fetched), `stale` (served
-/// past expiry because the upstream failed).
+/// past expiry because the upstream failed), `negative` (a remembered failure, with a
+/// negative TTL).
 pub const CACHE_LOOKUPS: MetricSpec = counter(
     "breakwater_cache_lookups_total",
     Unit::Count,
     &["result"],
-    "Cache lookups by result: hit, miss, stale.",
+    "Cache lookups by result: hit, miss, stale, negative.",
 );
 
 /// Early (XFetch) refreshes started.

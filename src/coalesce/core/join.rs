@@ -119,7 +119,7 @@ where
         drop(guard);
         self.id = id;
         self.state = JoinState::Driving {
-            fut: Box::pin(fut),
+            fut: into_box(fut),
             slot: None,
         };
         table.hooks.joined(Role::Leader);
@@ -152,6 +152,21 @@ where
         };
         drop(key);
         mine
+    }
+}
+
+/// `fut` as a [`BoxFuture`]: boxed, unless it already is one (then it is moved as it is, so
+/// that a caller that boxed its future ahead, to keep its own future small, pays one
+/// allocation, not two). The type test is resolved at compile time.
+fn into_box<F, O>(fut: F) -> BoxFuture<O>
+where
+    F: Future<Output = O> + Send + 'static,
+    O: 'static,
+{
+    let mut fut = Some(fut);
+    match (&mut fut as &mut dyn std::any::Any).downcast_mut::<Option<BoxFuture<O>>>() {
+        Some(boxed) => boxed.take().expect("present"),
+        None => Box::pin(fut.take().expect("present")),
     }
 }
 
