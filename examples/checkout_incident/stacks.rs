@@ -168,7 +168,7 @@ pub fn protected(settings: &Settings) -> Result<Clients, BoxError> {
 
     let coalesce = CoalesceLayer::builder()
         .name("risk-profile")
-        .key(|req: &Request<Full<Bytes>>| req.uri().clone())
+        .key(|req: &Request<Full<Bytes>>| Some(req.uri().clone()))
         .build()?;
     let risk_timeout = TimeoutLayer::builder()
         .name("risk-profile")
