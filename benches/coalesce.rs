@@ -1,6 +1,6 @@
 //! Coalescing: the uncontended happy path (every call is a leader: a fresh shared call per
-//! call) beside no middleware, and eight concurrent callers sharing one call (time per
-//! caller).
+//! call) beside no middleware, a request without a key (passed through), and eight
+//! concurrent callers sharing one call (time per caller).
 
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 
@@ -14,12 +14,28 @@ use tower_breakwater::coalesce::CoalesceLayer;
 fn benches(c: &mut Criterion) {
     let rt = runtime();
     bench_service(c, "baseline/service_fn", &rt, ready_inner(), 1);
-    let ours = CoalesceLayer::builder().key(|k: &u64| *k).build().unwrap();
+    let ours = CoalesceLayer::builder()
+        .key(|k: &u64| Some(*k))
+        .build()
+        .unwrap();
     bench_service(
         c,
         "coalesce/breakwater/uncontended",
         &rt,
         ours.layer(ready_inner()),
+        1,
+    );
+
+    // A request whose key function returns `None`: passed through, beside the baseline.
+    let unkeyed = CoalesceLayer::builder()
+        .key(|_: &u64| None::<u64>)
+        .build()
+        .unwrap();
+    bench_service(
+        c,
+        "coalesce/breakwater/no_key_pass_through",
+        &rt,
+        unkeyed.layer(ready_inner()),
         1,
     );
 

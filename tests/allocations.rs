@@ -238,9 +238,11 @@ mod coalesce {
         })
     }
 
-    fn layer() -> CoalesceLayer<u32, u32, fn(&u32) -> u32> {
+    type KeyFn = fn(&u32) -> Option<u32>;
+
+    fn layer() -> CoalesceLayer<u32, u32, KeyFn> {
         CoalesceLayer::builder()
-            .key((|k: &u32| *k) as fn(&u32) -> u32)
+            .key((|k: &u32| Some(*k)) as KeyFn)
             .build()
             .unwrap()
     }
@@ -252,6 +254,23 @@ mod coalesce {
         assert_eq!(allocs_per_call(&rt, svc, 1), CALLS);
         let svc = tower::Layer::layer(&layer(), yielding_inner());
         assert_eq!(allocs_per_call(&rt, svc, 1), CALLS, "pending once");
+    }
+
+    #[test]
+    fn a_request_without_a_key_allocates_nothing() {
+        let rt = runtime();
+        let rec = TestRecorder::default();
+        let layer = rec.install_while(|| {
+            CoalesceLayer::builder()
+                .key(|_: &u32| None::<u32>)
+                .build()
+                .unwrap()
+        });
+        let svc = tower::Layer::layer(&layer, ready_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0);
+        let svc = tower::Layer::layer(&layer, yielding_inner());
+        assert_eq!(allocs_per_call(&rt, svc, 1), 0, "pending once");
+        assert_eq!(layer.handle().snapshot().counter("leaders"), Some(0));
     }
 
     #[test]

@@ -72,9 +72,15 @@ fn sleeper(
     })
 }
 
-fn by_key() -> CoalesceLayer<u32, u32, fn(&u32) -> u32> {
+/// A key function of `u32` requests.
+type KeyFn = fn(&u32) -> Option<u32>;
+
+/// A coalescing layer of `u32` requests keyed by a plain function.
+type U32Layer = CoalesceLayer<u32, u32, KeyFn>;
+
+fn by_key() -> U32Layer {
     CoalesceLayer::builder()
-        .key((|k: &u32| *k) as fn(&u32) -> u32)
+        .key((|k: &u32| Some(*k)) as KeyFn)
         .build()
         .unwrap()
 }
@@ -85,7 +91,7 @@ async fn ten_thousand_concurrent_requests_reach_inner_once_and_poll_each_waiter_
     let layer = rec.install_while(|| {
         CoalesceLayer::builder()
             .name("hot-key")
-            .key(|k: &u32| *k)
+            .key(|k: &u32| Some(*k))
             .followers_histogram(true)
             .build()
             .unwrap()
@@ -100,7 +106,10 @@ async fn ten_thousand_concurrent_requests_reach_inner_once_and_poll_each_waiter_
         let fut = svc.ready().await.unwrap().call(4);
         let p = Count::default();
         polls.push(p.clone());
-        tasks.push(tokio::spawn(Counted { fut, polls: p }));
+        tasks.push(tokio::spawn(Counted {
+            fut: Box::pin(fut),
+            polls: p,
+        }));
     }
     settle().await;
     assert_eq!(handle.in_flight_keys(), 1);
@@ -140,11 +149,11 @@ async fn the_starting_caller_cancelled_by_an_outer_timeout_leaves_the_call_to_th
     ));
     let polls = [Count::default(), Count::default()];
     let a = tokio::spawn(Counted {
-        fut: svc.ready().await.unwrap().call(7),
+        fut: Box::pin(svc.ready().await.unwrap().call(7)),
         polls: polls[0].clone(),
     });
     let b = tokio::spawn(Counted {
-        fut: svc.ready().await.unwrap().call(7),
+        fut: Box::pin(svc.ready().await.unwrap().call(7)),
         polls: polls[1].clone(),
     });
     assert!(leader.await.unwrap().is_err(), "the outer timeout fired");
@@ -232,7 +241,7 @@ async fn a_failed_call_reaches_every_waiter_and_is_not_remembered() {
     });
     let layer = CoalesceLayer::builder()
         .name("ledger")
-        .key(|k: &u32| *k)
+        .key(|k: &u32| Some(*k))
         .build()
         .unwrap();
     let mut svc = layer.layer(inner);
@@ -293,7 +302,7 @@ async fn a_panicking_call_hangs_nobody_and_frees_the_key() {
     let layer = rec.install_while(|| {
         CoalesceLayer::builder()
             .name("buggy")
-            .key(|k: &u32| *k)
+            .key(|k: &u32| Some(*k))
             .on_event(move |e| log.lock().unwrap().push(e.kind()))
             .build()
             .unwrap()
@@ -390,7 +399,7 @@ async fn followers_requests_are_never_sent_upstream() {
         }
     });
     let layer = CoalesceLayer::builder()
-        .key(|r: &Req| r.id)
+        .key(|r: &Req| Some(r.id))
         .build()
         .unwrap();
     let mut svc = layer.layer(inner);
@@ -427,7 +436,7 @@ async fn services_and_clones_of_one_layer_share_one_table_across_routes() {
         })
     };
     let layer = CoalesceLayer::builder()
-        .key(|id: &u32| *id)
+        .key(|id: &u32| Some(*id))
         .build()
         .unwrap();
     let (ca, cb) = (Count::default(), Count::default());
@@ -468,7 +477,7 @@ async fn coalesced_event_reports_followers_and_solo_calls_emit_none() {
     let log = events.clone();
     let layer = CoalesceLayer::builder()
         .name("ev")
-        .key(|k: &u32| *k)
+        .key(|k: &u32| Some(*k))
         .on_event(move |e| {
             assert_eq!((e.layer(), e.name()), (LayerKind::Coalesce, "ev"));
             log.lock().unwrap().push(e.kind());
@@ -497,7 +506,7 @@ async fn metric_series_are_registered_at_build_and_off_registers_nothing() {
     let _layer = rec.install_while(|| {
         CoalesceLayer::builder()
             .name("m")
-            .key(|k: &u32| *k)
+            .key(|k: &u32| Some(*k))
             .followers_histogram(true)
             .build()
             .unwrap()
@@ -522,7 +531,7 @@ async fn metric_series_are_registered_at_build_and_off_registers_nothing() {
     let off = TestRecorder::default();
     let _layer = off.install_while(|| {
         CoalesceLayer::builder()
-            .key(|k: &u32| *k)
+            .key(|k: &u32| Some(*k))
             .metrics_profile(MetricsProfile::Off)
             .followers_histogram(true)
             .build()
@@ -539,7 +548,7 @@ async fn metric_series_are_registered_at_build_and_off_registers_nothing() {
 fn an_empty_name_is_a_config_error() {
     let err: ConfigError = CoalesceLayer::builder()
         .name("")
-        .key(|k: &u32| *k)
+        .key(|k: &u32| Some(*k))
         .build()
         .unwrap_err();
     assert_eq!(err.field(), "name");
@@ -620,7 +629,7 @@ async fn a_response_clone_may_call_back_into_the_layer() {
     let driver = tokio::spawn(svc.ready().await.unwrap().call(2));
     settle().await;
     // A follower that waits, then is dropped by the driver's clone of the response.
-    let mut victim = svc.ready().await.unwrap().call(2);
+    let mut victim = Box::pin(svc.ready().await.unwrap().call(2));
     join_now(&mut victim).await;
     victims.lock().unwrap().push(Box::new(victim));
     let follower = tokio::spawn(svc.ready().await.unwrap().call(2));
@@ -656,7 +665,7 @@ async fn a_response_clone_panicking_in_the_driver_still_ends_the_call() {
     let layer = rec.install_while(|| {
         CoalesceLayer::builder()
             .name("fragile")
-            .key(|k: &u32| *k)
+            .key(|k: &u32| Some(*k))
             .followers_histogram(true)
             .on_event(move |e| log.lock().unwrap().push(e.kind()))
             .build()
@@ -713,7 +722,7 @@ async fn an_abandoned_inner_future_panicking_on_drop_still_ends_the_call() {
     let layer = rec.install_while(|| {
         CoalesceLayer::builder()
             .name("abandoned")
-            .key(|k: &u32| *k)
+            .key(|k: &u32| Some(*k))
             .followers_histogram(true)
             .build()
             .unwrap()
@@ -736,7 +745,7 @@ async fn an_abandoned_inner_future_panicking_on_drop_still_ends_the_call() {
         |fut| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(fut))).is_err();
 
     // The caller alone leaves: the future's destructor panics out of its drop.
-    let mut alone = svc.ready().await.unwrap().call(1);
+    let mut alone = Box::pin(svc.ready().await.unwrap().call(1));
     join_now(&mut alone).await;
     assert_eq!(rec.gauge(IN_FLIGHT, &name), Some(1.0));
     assert!(drop_panics(alone));
@@ -746,8 +755,8 @@ async fn an_abandoned_inner_future_panicking_on_drop_still_ends_the_call() {
 
     // With a follower: the driver leaves first, then the follower, the last, drops the
     // future and its destructor panics.
-    let mut driver = svc.ready().await.unwrap().call(1);
-    let mut follower = svc.ready().await.unwrap().call(1);
+    let mut driver = Box::pin(svc.ready().await.unwrap().call(1));
+    let mut follower = Box::pin(svc.ready().await.unwrap().call(1));
     join_now(&mut driver).await;
     join_now(&mut follower).await;
     assert_eq!(rec.gauge(IN_FLIGHT, &name), Some(1.0));
@@ -820,8 +829,8 @@ fn same_key_requests_from_two_threads_never_run_upstream_concurrently() {
                 rt.block_on(async move {
                     for i in 0..ROUNDS {
                         let k = i % 4;
-                        let mut a = svc.call(k);
-                        let mut b = svc.call(k);
+                        let mut a = Box::pin(svc.call(k));
+                        let mut b = Box::pin(svc.call(k));
                         let c = svc.call(k);
                         // `a` leads (or follows the other thread), `b` waits; then `a` is
                         // dropped: whoever was driving hands over, nobody gets an error.
@@ -932,7 +941,7 @@ async fn waiters_sleep_while_the_driver_is_woken_many_times() {
     for p in &polls {
         let fut = svc.ready().await.unwrap().call(8);
         tasks.push(tokio::spawn(Counted {
-            fut,
+            fut: Box::pin(fut),
             polls: p.clone(),
         }));
     }
@@ -942,4 +951,108 @@ async fn waiters_sleep_while_the_driver_is_woken_many_times() {
     // The driver: one poll per wake-up (51); each waiter: register, take.
     let counts: Vec<u64> = polls.iter().map(Count::get).collect();
     assert_eq!(counts, vec![51, 2, 2, 2]);
+}
+
+/// A layer named "some" for which request 0 has no key (is never coalesced).
+fn nonzero_keys() -> U32Layer {
+    CoalesceLayer::builder()
+        .name("some")
+        .key((|k: &u32| (*k != 0).then_some(*k)) as KeyFn)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_without_a_key_pass_through_each_with_its_own_call() {
+    let rec = TestRecorder::default();
+    let layer = rec.install_while(nonzero_keys);
+    let handle = layer.handle();
+    let (calls, drops) = (Count::default(), Count::default());
+    let mut svc = layer.layer(sleeper(10, calls.clone(), drops.clone()));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for k in [0, 0, 0, 5, 5, 5, 0] {
+        tasks.push(tokio::spawn(svc.ready().await.unwrap().call(k)));
+    }
+    settle().await;
+    assert_eq!(handle.in_flight_keys(), 1, "only key 5 is in the table");
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(within(t).await.unwrap().unwrap());
+    }
+    assert_eq!(got, vec![0, 0, 0, 50, 50, 50, 0]);
+    // Four unkeyed calls, each its own; one shared call for the three requests of key 5.
+    assert_eq!(calls.get(), 5);
+    assert_eq!(drops.get(), 5);
+    assert_eq!(Instant::now() - start, Duration::from_millis(10));
+    let snap = handle.snapshot();
+    assert_eq!(
+        (snap.counter("leaders"), snap.counter("followers")),
+        (Some(1), Some(2)),
+        "requests without a key are not counted"
+    );
+    let name = ("name", "some");
+    assert_eq!(rec.counter(CALLS, &[name, ("role", "leader")]), Some(1));
+    assert_eq!(rec.counter(CALLS, &[name, ("role", "follower")]), Some(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_without_a_key_gets_the_inner_error_itself() {
+    let inner = service_fn(|k: u32| async move {
+        Err::<u32, _>(io::Error::new(io::ErrorKind::NotFound, format!("no {k}")))
+    });
+    let mut svc = nonzero_keys().layer(inner);
+    let err = svc.ready().await.unwrap().call(0).await.unwrap_err();
+    assert!(err.downcast_ref::<SharedError>().is_none());
+    assert_eq!(
+        err.downcast_ref::<io::Error>().unwrap().kind(),
+        io::ErrorKind::NotFound
+    );
+    let err = svc.ready().await.unwrap().call(3).await.unwrap_err();
+    let shared = err.downcast_ref::<SharedError>().expect("keyed: shared");
+    assert_eq!(shared.inner().to_string(), "no 3");
+}
+
+#[cfg(feature = "http")]
+#[tokio::test(start_paused = true)]
+async fn http_keys_coalesce_gets_and_pass_posts_through() {
+    use tower_breakwater::http::HttpKey;
+    type Req = http::Request<()>;
+    let calls = Count::default();
+    let c = calls.clone();
+    let inner = service_fn(move |req: Req| {
+        c.incr();
+        async move {
+            sleep(Duration::from_millis(10)).await;
+            Ok::<_, io::Error>(req.method().to_string())
+        }
+    });
+    let keys = HttpKey::new();
+    let layer = CoalesceLayer::builder()
+        .key(move |req: &Req| keys.key(req))
+        .build()
+        .unwrap();
+    let svc = layer.layer(inner);
+    let get = || {
+        http::Request::get("https://risk/merchants/1")
+            .body(())
+            .unwrap()
+    };
+    let post = || {
+        http::Request::post("https://risk/merchants/1")
+            .body(())
+            .unwrap()
+    };
+    let all = [get(), post(), get(), post(), get()].map(|r| tokio::spawn(svc.clone().oneshot(r)));
+    let mut got = Vec::new();
+    for t in all {
+        got.push(within(t).await.unwrap().unwrap());
+    }
+    assert_eq!(got, ["GET", "POST", "GET", "POST", "GET"]);
+    assert_eq!(calls.get(), 3, "one GET, two POSTs");
+    let snap = layer.handle().snapshot();
+    assert_eq!(
+        (snap.counter("leaders"), snap.counter("followers")),
+        (Some(1), Some(2))
+    );
 }

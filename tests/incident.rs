@@ -6,7 +6,9 @@
     feature = "circuit-breaker",
     feature = "bulkhead",
     feature = "rate-limit",
-    feature = "coalesce"
+    feature = "coalesce",
+    feature = "cache",
+    feature = "preset"
 ))]
 
 #[allow(dead_code)]
@@ -22,7 +24,7 @@ mod stacks;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use load::{Outcome, Summary};
+use load::{Outcome, RiskCounts, Summary};
 use server::ServerConfig;
 use stacks::Settings;
 
@@ -33,7 +35,7 @@ async fn the_protected_run_bounds_concurrency_opens_and_recovers_and_loses_nothi
         base: Duration::from_millis(20),
         outage_delay: Duration::from_secs(1),
         risk_time: Duration::from_millis(120),
-        risk_max_age: 60,
+        risk_max_age: 1,
     };
     let (addr, stats) = server::start(cfg).await.unwrap();
     let base = format!("http://{addr}");
@@ -46,9 +48,13 @@ async fn the_protected_run_bounds_concurrency_opens_and_recovers_and_loses_nothi
     let clients = stacks::protected(&settings).unwrap();
     let phases = stacks::phases(100, Duration::from_millis(250));
     let issued = std::sync::atomic::AtomicUsize::new(0);
+    let fresh = std::sync::atomic::AtomicU64::new(0);
     let (risk, fraud) = (clients.risk.clone(), clients.fraud.clone());
     let records = load::drive(&phases, &stats, |n| {
         issued.fetch_add(1, Ordering::SeqCst);
+        if stacks::fresh_read(n) {
+            fresh.fetch_add(1, Ordering::SeqCst);
+        }
         let (risk, fraud, base) = (risk.clone(), fraud.clone(), base.clone());
         async move { stacks::checkout(n, &base, risk, fraud).await }
     })
@@ -102,16 +108,37 @@ async fn the_protected_run_bounds_concurrency_opens_and_recovers_and_loses_nothi
         "after the recovery phase the breaker has left Open"
     );
 
-    // The cacheable lookup made far fewer upstream calls than requests.
-    let risk_calls = stats.risk_calls.load(Ordering::SeqCst);
-    assert!(
-        risk_calls * 2 < records.len() as u64,
-        "{risk_calls} risk calls"
+    // The cacheable lookup made far fewer upstream calls than lookups, with exact
+    // bookkeeping: every lookup with a cache key is exactly one hit, miss or stale answer;
+    // the others (fresh reads) all went through the coalescing layer.
+    let risk = RiskCounts::new(
+        records.len() as u64,
+        fresh.load(Ordering::SeqCst),
+        clients.cache.as_ref(),
+        clients.coalesce.as_ref(),
     );
-    let coalesce = clients.coalesce.as_ref().unwrap().snapshot();
+    println!("risk lookups: {risk:?}");
+    assert!(risk.fresh > 0 && risk.fresh < risk.lookups);
     assert_eq!(
-        coalesce.counter("leaders").unwrap(),
-        risk_calls,
-        "every upstream lookup was a leader"
+        risk.hits + risk.misses + risk.stale,
+        risk.lookups - risk.fresh
     );
+    assert!(risk.hits > risk.misses, "{risk:?}");
+    assert!(risk.leaders + risk.followers >= risk.fresh);
+    let risk_calls = stats.risk_calls.load(Ordering::SeqCst);
+    assert_eq!(
+        risk.leaders, risk_calls,
+        "every upstream lookup went through the coalescing layer, as a leader"
+    );
+    assert!(
+        risk_calls * 5 < risk.lookups,
+        "{risk_calls} risk calls for {} lookups",
+        risk.lookups
+    );
+    // Every lookup was answered by the cache, by its own upstream call or by a shared one;
+    // early refreshes are upstream calls no lookup made. So the API saw at most the lookups
+    // the cache did not answer plus the refreshes, and at least the coalescing layer's
+    // followers were saved beyond the cache.
+    assert!(risk.saved_by_cache() + risk_calls <= risk.lookups + risk.early_refreshes);
+    assert!(risk.saved_by_coalescing(risk_calls) >= risk.followers);
 }

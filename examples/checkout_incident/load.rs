@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_breakwater::BoxError;
+use tower_breakwater::cache::CacheHandle;
+use tower_breakwater::coalesce::CoalesceHandle;
 use tower_breakwater::error::{self, ErrorKind};
 
 use crate::server::ServerStats;
@@ -92,6 +94,70 @@ where
     records
 }
 
+/// The risk-profile lookups of one run, as the cache and the coalescing layer counted them
+/// (zero where a run has no such layer).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RiskCounts {
+    /// Lookups issued: one per checkout.
+    pub lookups: u64,
+    /// Of those, the ones asking for a fresh answer (no cache key: they bypass the cache).
+    pub fresh: u64,
+    /// Cache lookups answered from a fresh entry.
+    pub hits: u64,
+    /// Cache lookups that fetched, or shared a fetch in flight.
+    pub misses: u64,
+    /// Cache lookups answered with a stale entry (the fetch failed, or is backing off).
+    pub stale: u64,
+    /// XFetch early refreshes started (background upstream calls).
+    pub early_refreshes: u64,
+    /// Calls the coalescing layer under the cache sent upstream.
+    pub leaders: u64,
+    /// Calls the coalescing layer under the cache answered with another's call.
+    pub followers: u64,
+}
+
+impl RiskCounts {
+    /// The counts of `lookups` lookups (`fresh` of them fresh reads) from the layers' handles.
+    pub fn new(
+        lookups: u64,
+        fresh: u64,
+        cache: Option<&CacheHandle>,
+        coalesce: Option<&CoalesceHandle>,
+    ) -> Self {
+        let mut c = RiskCounts {
+            lookups,
+            fresh,
+            ..RiskCounts::default()
+        };
+        if let Some(cache) = cache {
+            let s = cache.snapshot();
+            let get = |name: &str| s.counter(name).unwrap_or(0);
+            (c.hits, c.misses, c.stale) = (get("hits"), get("misses"), get("stale"));
+            c.early_refreshes = get("early_refreshes");
+        }
+        if let Some(coalesce) = coalesce {
+            let s = coalesce.snapshot();
+            c.leaders = s.counter("leaders").unwrap_or(0);
+            c.followers = s.counter("followers").unwrap_or(0);
+        }
+        c
+    }
+
+    /// Upstream calls saved by the cache: lookups answered from it (fresh or stale).
+    pub fn saved_by_cache(&self) -> u64 {
+        self.hits + self.stale
+    }
+
+    /// Upstream calls saved by coalescing, given the `upstream` calls the API saw: lookups
+    /// that shared a call another lookup made (a cache miss sharing a fetch, a fresh read
+    /// sharing a call in flight). Every lookup was answered by the cache, by its own call or
+    /// by a shared one, and early refreshes are upstream calls no lookup made:
+    /// `lookups = saved_by_cache + (upstream - early_refreshes) + shared`.
+    pub fn saved_by_coalescing(&self, upstream: u64) -> u64 {
+        (self.lookups + self.early_refreshes).saturating_sub(self.saved_by_cache() + upstream)
+    }
+}
+
 /// A summary of one run.
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -105,6 +171,8 @@ pub struct Summary {
     pub fraud_peak: usize,
     /// Fraud checks the client had in flight at once, below every layer (set by the caller).
     pub client_peak: usize,
+    /// The risk-profile lookups (set by the caller).
+    pub risk: RiskCounts,
 }
 
 impl Summary {
@@ -132,6 +200,7 @@ impl Summary {
             risk_calls: stats.risk_calls.load(Ordering::SeqCst),
             fraud_peak: stats.peak_in_flight.load(Ordering::SeqCst),
             client_peak: 0,
+            risk: RiskCounts::default(),
         }
     }
 
@@ -150,21 +219,16 @@ impl Summary {
 
 /// Prints the two runs side by side.
 pub fn print_table(runs: &[(&str, &Summary)]) {
-    let mut rows: Vec<(String, Vec<String>)> = vec![
+    let row = |label: &str, cell: &dyn Fn(&Summary) -> String| -> (String, Vec<String>) {
         (
-            "checkouts".into(),
-            runs.iter().map(|(_, s)| s.requests.to_string()).collect(),
-        ),
-        (
-            "succeeded".into(),
-            runs.iter()
-                .map(|(_, s)| s.count(Outcome::Success).to_string())
-                .collect(),
-        ),
-        (
-            "rejected fast (all layers)".into(),
-            runs.iter().map(|(_, s)| s.rejected().to_string()).collect(),
-        ),
+            label.to_owned(),
+            runs.iter().map(|(_, s)| cell(s)).collect(),
+        )
+    };
+    let mut rows = vec![
+        row("checkouts", &|s| s.requests.to_string()),
+        row("succeeded", &|s| s.count(Outcome::Success).to_string()),
+        row("rejected fast (all layers)", &|s| s.rejected().to_string()),
     ];
     let mut layers: Vec<&'static str> = runs
         .iter()
@@ -177,65 +241,40 @@ pub fn print_table(runs: &[(&str, &Summary)]) {
     layers.sort();
     layers.dedup();
     for l in layers {
-        rows.push((
-            format!("  by {l}"),
-            runs.iter()
-                .map(|(_, s)| s.count(Outcome::Rejected(l)).to_string())
-                .collect(),
-        ));
+        rows.push(row(&format!("  by {l}"), &|s| {
+            s.count(Outcome::Rejected(l)).to_string()
+        }));
     }
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
     rows.extend([
-        (
-            "errors (503, transport)".into(),
-            runs.iter()
-                .map(|(_, s)| s.count(Outcome::Error).to_string())
-                .collect(),
-        ),
-        (
-            "timeouts".into(),
-            runs.iter()
-                .map(|(_, s)| s.count(Outcome::Timeout).to_string())
-                .collect(),
-        ),
-        (
-            "latency p50".into(),
-            runs.iter().map(|(_, s)| ms(s.p50)).collect(),
-        ),
-        (
-            "latency p95".into(),
-            runs.iter().map(|(_, s)| ms(s.p95)).collect(),
-        ),
-        (
-            "latency p99".into(),
-            runs.iter().map(|(_, s)| ms(s.p99)).collect(),
-        ),
-        (
-            "fraud in flight (client)".into(),
-            runs.iter()
-                .map(|(_, s)| s.client_peak.to_string())
-                .collect(),
-        ),
-        (
-            "fraud API peak concurrency".into(),
-            runs.iter().map(|(_, s)| s.fraud_peak.to_string()).collect(),
-        ),
-        (
-            "fraud API calls".into(),
-            runs.iter()
-                .map(|(_, s)| s.fraud_calls.to_string())
-                .collect(),
-        ),
-        (
-            "risk API calls".into(),
-            runs.iter().map(|(_, s)| s.risk_calls.to_string()).collect(),
-        ),
-        (
-            "risk calls saved".into(),
-            runs.iter()
-                .map(|(_, s)| (s.requests as u64).saturating_sub(s.risk_calls).to_string())
-                .collect(),
-        ),
+        row("errors (503, transport)", &|s| {
+            s.count(Outcome::Error).to_string()
+        }),
+        row("timeouts", &|s| s.count(Outcome::Timeout).to_string()),
+        row("latency p50", &|s| ms(s.p50)),
+        row("latency p95", &|s| ms(s.p95)),
+        row("latency p99", &|s| ms(s.p99)),
+        row("fraud in flight (client)", &|s| s.client_peak.to_string()),
+        row("fraud API peak concurrency", &|s| s.fraud_peak.to_string()),
+        row("fraud API calls", &|s| s.fraud_calls.to_string()),
+        row("risk lookups", &|s| s.risk.lookups.to_string()),
+        row("  fresh reads (no cache)", &|s| s.risk.fresh.to_string()),
+        row("  cache hits", &|s| s.risk.hits.to_string()),
+        row("  cache misses", &|s| s.risk.misses.to_string()),
+        row("  stale served", &|s| s.risk.stale.to_string()),
+        row("risk API calls", &|s| s.risk_calls.to_string()),
+        row("  early refreshes (XFetch)", &|s| {
+            s.risk.early_refreshes.to_string()
+        }),
+        row("risk calls saved", &|s| {
+            s.risk.lookups.saturating_sub(s.risk_calls).to_string()
+        }),
+        row("  by the cache (hits, stale)", &|s| {
+            s.risk.saved_by_cache().to_string()
+        }),
+        row("  by coalescing", &|s| {
+            s.risk.saved_by_coalescing(s.risk_calls).to_string()
+        }),
     ]);
     print!("| {:<28} |", "");
     for (name, _) in runs {

@@ -6,30 +6,25 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::header::CACHE_CONTROL;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::Layer;
+use tower::ServiceExt;
 use tower::util::BoxCloneService;
-use tower::{ServiceBuilder, ServiceExt};
 use tower_breakwater::BoxError;
 use tower_breakwater::bulkhead::BulkheadHandle;
+use tower_breakwater::cache::CacheHandle;
 use tower_breakwater::circuit_breaker::{CircuitBreakerHandle, SlidingWindow};
-use tower_breakwater::coalesce::{CoalesceHandle, CoalesceLayer};
-use tower_breakwater::http::HttpClassifier;
+use tower_breakwater::coalesce::CoalesceHandle;
+use tower_breakwater::http::{HttpClassifier, HttpKey, is_storable, max_age};
 use tower_breakwater::preset::Dependency;
-use tower_breakwater::timeout::TimeoutLayer;
 
 use crate::load::Phase;
 
 /// An HTTP client as a service, with the body buffered.
 pub type HttpService = BoxCloneService<Request<Full<Bytes>>, Response<Bytes>, BoxError>;
-
-/// A risk-profile answer: status and body, cheap to clone (so coalesced callers share it).
-pub type RiskAnswer = (hyper::StatusCode, Bytes);
-
-/// The risk-profile lookup as a service.
-pub type RiskService = BoxCloneService<Request<Full<Bytes>>, RiskAnswer, BoxError>;
 
 /// The knobs of the protected stack.
 #[derive(Debug, Clone)]
@@ -58,20 +53,17 @@ impl Default for Settings {
 /// The clients of one run, with handles on the protected layers.
 #[allow(dead_code)] // the handles are read by the integration test
 pub struct Clients {
-    pub risk: RiskService,
+    /// Risk-profile lookups (the body buffered, so responses are cheap to clone and share).
+    pub risk: HttpService,
     pub fraud: HttpService,
     pub breaker: Option<CircuitBreakerHandle>,
     pub bulkhead: Option<BulkheadHandle>,
+    /// The risk-profile cache.
+    pub cache: Option<CacheHandle>,
+    /// The coalescing under the risk-profile cache.
     pub coalesce: Option<CoalesceHandle>,
     /// The most fraud checks the client had in flight at once (below every layer).
     pub fraud_client_peak: Arc<AtomicUsize>,
-}
-
-fn risk_answers(
-    inner: HttpService,
-) -> impl tower::Service<Request<Full<Bytes>>, Response = RiskAnswer, Error = BoxError, Future: Send>
-+ Clone {
-    inner.map_response(|res: Response<Bytes>| (res.status(), res.into_body()))
 }
 
 fn http_client() -> HttpService {
@@ -115,15 +107,16 @@ fn with_client_timeout(inner: HttpService, timeout: Duration) -> HttpService {
 }
 
 /// The unprotected clients: only a plain 1 s client timeout per request; no deadline across
-/// waits, no limit, no breaker, no coalescing.
+/// waits, no limit, no breaker, no cache, no coalescing.
 pub fn unprotected() -> Clients {
     let peak = Arc::new(AtomicUsize::new(0));
     let timeout = Duration::from_secs(1);
     Clients {
-        risk: BoxCloneService::new(risk_answers(with_client_timeout(http_client(), timeout))),
+        risk: with_client_timeout(http_client(), timeout),
         fraud: with_client_timeout(counted_client(peak.clone()), timeout),
         breaker: None,
         bulkhead: None,
+        cache: None,
         coalesce: None,
         fraud_client_peak: peak,
     }
@@ -132,15 +125,23 @@ pub fn unprotected() -> Clients {
 /// The protected clients.
 ///
 /// Fraud checks, through the dependency preset (`tower_breakwater::preset`), outermost first:
-/// an overall 400 ms deadline bounds limiter wait + bulkhead wait + call; a rate limiter (GCRA, `fraud_rate` per second, burst 20, waiting at most
-/// 50 ms) keeps us under what the API can serve; a bulkhead (`fraud_concurrency` in flight,
-/// waiting at most 20 ms) caps the concurrency the API sees; a circuit breaker (count window
-/// `breaker_window`, failure rate 50%, `breaker_wait` open) fails fast while the API is down, counting 5xx
-/// and 429 as failures; a 250 ms timeout inside the breaker so slow calls count as failures,
-/// and inside the bulkhead so a permit is held at most that long.
+/// an overall 400 ms deadline bounds limiter wait + bulkhead wait + call; a rate limiter
+/// (GCRA, `fraud_rate` per second, burst 20, waiting at most 50 ms) keeps us under what the
+/// API can serve; a bulkhead (`fraud_concurrency` in flight, waiting at most 20 ms) caps the
+/// concurrency the API sees; a circuit breaker (count window `breaker_window`, failure rate
+/// 50%, `breaker_wait` open) fails fast while the API is down, counting 5xx and 429 as
+/// failures; a 250 ms timeout inside the breaker so slow calls count as failures, and inside
+/// the bulkhead so a permit is held at most that long. No cache and no coalescing: each
+/// fraud check is a distinct transaction (a POST).
 ///
-/// Risk-profile lookups: concurrent lookups of one merchant share one upstream call
-/// (coalescing, keyed by URI: GETs with no per-user headers here), each with a 300 ms timeout.
+/// Risk-profile lookups (`GET /merchants/{id}/risk`), through the same preset with a cache
+/// and coalescing on, outermost first: the cache, keyed by [`HttpKey`] (method, URI,
+/// `Authorization`, `Accept`), stores what `Cache-Control` allows for its `max-age`, refreshes
+/// entries early with XFetch and serves a stale profile for up to 30 s when the lookup fails;
+/// lookups asking for a fresh answer (`Cache-Control: no-cache`, see [`fresh_read`]) bypass
+/// it, and the coalescing layer under it makes concurrent ones share one upstream call (and
+/// join a fetch or refresh of the cache in flight for the same key); then a 300 ms timeout,
+/// a bulkhead of 32, a breaker.
 pub fn protected(settings: &Settings) -> Result<Clients, BoxError> {
     let fraud_api = Dependency::builder("fraud-api")
         .deadline(Duration::from_millis(400))
@@ -166,48 +167,72 @@ pub fn protected(settings: &Settings) -> Result<Clients, BoxError> {
         (fraud_api.breaker().clone(), fraud_api.bulkhead().clone());
     let fraud = BoxCloneService::new(fraud_api.layer(counted_client(peak.clone())));
 
-    let coalesce = CoalesceLayer::builder()
-        .name("risk-profile")
-        .key(|req: &Request<Full<Bytes>>| req.uri().clone())
-        .build()?;
-    let risk_timeout = TimeoutLayer::builder()
-        .name("risk-profile")
-        .timeout(Duration::from_millis(300))
+    let keys = HttpKey::new();
+    let (cache_keys, store_keys) = (keys.clone(), keys.clone());
+    let risk_api = Dependency::builder("risk-profile")
+        .call_timeout(Duration::from_millis(300))
+        .concurrency(32, Duration::from_millis(50))
         .classifier(HttpClassifier::new())
+        .cache(move |c| {
+            c.key(move |req: &Request<Full<Bytes>>| {
+                (!wants_fresh(req)).then(|| cache_keys.key(req)).flatten()
+            })
+            .ttl_fn(move |res: &Response<Bytes>| {
+                is_storable(res, &store_keys)
+                    .then(|| max_age(res))
+                    .flatten()
+            })
+            .classifier(HttpClassifier::new())
+            .max_staleness(Duration::from_secs(30))
+            .max_entries(1_000)
+            .seed(7)
+        })
+        .coalesce(move |req: &Request<Full<Bytes>>| keys.key(req))
         .build()?;
-    let coalesce_handle = coalesce.handle();
-    let timed = BoxCloneService::new(
-        ServiceBuilder::new()
-            .layer(risk_timeout)
-            .service(http_client()),
-    );
-    let risk = BoxCloneService::new(
-        ServiceBuilder::new()
-            .layer(coalesce)
-            .service(risk_answers(timed)),
-    );
+    let (cache_handle, coalesce_handle) = (risk_api.cache(), risk_api.coalescer());
+    let risk = BoxCloneService::new(risk_api.layer(http_client()));
     Ok(Clients {
         risk,
         fraud,
         breaker: Some(breaker_handle),
         bulkhead: Some(bulkhead_handle),
+        cache: Some(cache_handle),
         coalesce: Some(coalesce_handle),
         fraud_client_peak: peak,
     })
 }
 
-/// One checkout: the merchant's risk profile (one of 5 hot merchants), then the fraud check.
+/// Whether a lookup asks for a fresh answer (`Cache-Control: no-cache`).
+fn wants_fresh<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(CACHE_CONTROL)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"))
+}
+
+/// The merchants checkouts go to.
+pub const MERCHANTS: u64 = 8;
+
+/// Whether checkout `n` reads its merchant's current risk profile (`Cache-Control:
+/// no-cache`): one in ten, standing for orders above a review threshold.
+pub fn fresh_read(n: u64) -> bool {
+    n % 10 == 0
+}
+
+/// One checkout: the merchant's risk profile (one of [`MERCHANTS`]), then the fraud check.
 pub async fn checkout(
     n: u64,
     base: &str,
-    risk: RiskService,
+    risk: HttpService,
     fraud: HttpService,
 ) -> Result<(), BoxError> {
-    let merchant = n % 5;
-    let req = Request::get(format!("{base}/merchants/{merchant}/risk")).body(Full::default())?;
-    let (status, _profile) = risk.oneshot(req).await?;
-    if !status.is_success() {
-        return Err(format!("risk API answered {status}").into());
+    let merchant = n % MERCHANTS;
+    let mut req = Request::get(format!("{base}/merchants/{merchant}/risk"));
+    if fresh_read(n) {
+        req = req.header(CACHE_CONTROL, "no-cache");
+    }
+    let res = risk.oneshot(req.body(Full::default())?).await?;
+    if !res.status().is_success() {
+        return Err(format!("risk API answered {}", res.status()).into());
     }
     let req = Request::post(format!("{base}/fraud-check"))
         .body(Full::new(Bytes::from(format!("{{\"tx\":{n}}}"))))?;

@@ -158,15 +158,32 @@ impl Default for CoalesceBuilder {
 impl<Req, K, F> CoalesceBuilder<Req, K, F> {
     common_builder_methods!();
 
-    /// The key function: `f(&req)` decides which requests are identical. Requests with equal
-    /// keys, made while a call for that key is in flight, share that call's result and are
-    /// never sent upstream themselves.
+    /// The key function: `f(&req)` is `Some(key)` for a request that may share a call, or
+    /// `None` to pass it through uncoalesced (it gets its own call to the inner service, and
+    /// is neither counted nor seen by the in-flight table). Requests with equal keys, made
+    /// while a call for that key is in flight, share that call's result and are never sent
+    /// upstream themselves.
     ///
     /// The key must capture everything that affects the response (method, path, query,
     /// relevant headers, the caller's identity where responses differ per caller). A layer
     /// applied to several routes coalesces across them when their keys are equal, so include
     /// what tells routes apart. Called once per call, in `call`, before anything else; keep
-    /// it cheap (a `u64` or an `Arc<str>` key allocates nothing).
+    /// it cheap (a `u64` or an `Arc<str>` key allocates nothing). It has the shape of the
+    /// [cache's](crate::cache::CacheBuilder::key), so one function serves both layers; for
+    /// HTTP, [`HttpKey::key`](crate::http::HttpKey::key) (`None` for unsafe methods):
+    ///
+    /// ```
+    /// # #[cfg(feature = "http")] {
+    /// use tower_breakwater::coalesce::CoalesceLayer;
+    /// use tower_breakwater::http::HttpKey;
+    ///
+    /// let keys = HttpKey::new();
+    /// let layer = CoalesceLayer::builder()
+    ///     .key(move |req: &http::Request<()>| keys.key(req))
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(layer); }
+    /// ```
     ///
     /// # Panics
     ///
@@ -174,7 +191,7 @@ impl<Req, K, F> CoalesceBuilder<Req, K, F> {
     /// call (it is dropped; no state of the layer changed).
     pub fn key<Req2, K2, F2>(self, f: F2) -> CoalesceBuilder<Req2, K2, F2>
     where
-        F2: Fn(&Req2) -> K2 + Clone,
+        F2: Fn(&Req2) -> Option<K2> + Clone,
         K2: Hash + Eq + Send + 'static,
     {
         CoalesceBuilder {
@@ -195,7 +212,7 @@ impl<Req, K, F> CoalesceBuilder<Req, K, F> {
 
 impl<Req, K, F> CoalesceBuilder<Req, K, F>
 where
-    F: Fn(&Req) -> K + Clone,
+    F: Fn(&Req) -> Option<K> + Clone,
     K: Hash + Eq + Send + 'static,
 {
     /// Validates the configuration, registers the metric handles with the current recorder
@@ -242,7 +259,8 @@ where
 /// Coalesces concurrent identical requests into one upstream call; see the
 /// [module docs](crate::coalesce).
 ///
-/// `Req` is the request type and `K` the key type of the key function `F`. Cheap to clone
+/// `Req` is the request type and `K` the key type of the key function `F` (`Fn(&Req) ->
+/// Option<K>`). Cheap to clone
 /// (one `Arc` and the key function); every clone, and every service it makes, shares one
 /// in-flight table per response type.
 pub struct CoalesceLayer<Req, K, F> {

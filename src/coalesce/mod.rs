@@ -16,7 +16,7 @@
 //! # async fn main() -> Result<(), BoxError> {
 //! let layer = CoalesceLayer::builder()
 //!     .name("profiles")
-//!     .key(|user_id: &u64| *user_id)
+//!     .key(|user_id: &u64| Some(*user_id))
 //!     .build()?;
 //! let handle = layer.handle();
 //! let mut svc = ServiceBuilder::new().layer(layer).service(service_fn(|id: u64| async move {
@@ -39,7 +39,12 @@
 //! # Semantics
 //!
 //! - **Identity.** The [key function](CoalesceBuilder::key) decides which requests are
-//!   identical; the key must capture everything that affects the response. Only the leader's
+//!   identical: it returns `Some(key)`, or `None` for a request that must not share a call
+//!   (it passes through: its own call to the inner service, not counted, no table entry, no
+//!   allocation; its error is the inner error, not a [`SharedError`]). The same shape as the
+//!   [cache's](crate::cache::CacheBuilder::key) key function, so
+//!   [`HttpKey::key`](crate::http::HttpKey::key) serves both. The key must capture everything
+//!   that affects the response. Only the leader's
 //!   request is sent upstream: **the other callers' requests are never sent anywhere**, they
 //!   get the leader's response. One layer value applied to several routes (or services of the
 //!   same response type) **coalesces across them when keys are equal**, so keys should include
@@ -63,10 +68,11 @@
 //!   first, e.g. with `tower::ServiceBuilder::map_response(Arc::new)`, so clones are cheap).
 //!   The response type is unchanged, so the layer stacks with others. Coalescing judges no
 //!   outcome (successes and errors are shared alike), so it takes no classifier.
-//! - **Errors** reach every caller as a [`SharedError`] (`Arc`-shared, `source()` = the inner
+//! - **Errors** reach every caller of a keyed request as a [`SharedError`] (`Arc`-shared, `source()` = the inner
 //!   error). [`error::find`](crate::error::find) sees through it; reach the inner error by type
-//!   with [`find_inner`] or [`SharedError::downcast_ref`]. Every caller gets this wrapper,
-//!   even when nobody shared the call, so handling does not depend on timing.
+//!   with [`find_inner`] or [`SharedError::downcast_ref`]. Every keyed caller gets this
+//!   wrapper, even when nobody shared the call, so handling does not depend on timing (a
+//!   request without a key gets the inner error itself, always).
 //! - **Panics.** The shared future is polled under `catch_unwind`. Every caller but the one
 //!   whose poll panicked gets a [`BreakwaterError`](crate::error::BreakwaterError) of kind
 //!   [`Panicked`](crate::error::ErrorKind::Panicked); **the caller whose poll panicked gets the
@@ -90,7 +96,8 @@
 //!
 //! `S: Service<Req> + Clone + Send + 'static`, `S::Future: Send + 'static`,
 //! `S::Response: Clone + Send + Sync + 'static`, `S::Error: Into<BoxError>`,
-//! `Req: Send + 'static`, key `K: Hash + Eq + Send + 'static`. `Send` and `'static` because
+//! `Req: Send + 'static`, key function `F: Fn(&Req) -> Option<K> + Clone`, key
+//! `K: Hash + Eq + Send + 'static`. `Send` and `'static` because
 //! the shared call outlives the caller that started it and may be driven from any task;
 //! `Sync` on the response because its callers clone the one shared response from their own
 //! tasks at the same time, with no lock (as `futures::future::Shared` requires of its
@@ -147,7 +154,9 @@
 //!   waiter list is a `slab::Slab<Option<Waker>>` (amortized growth; O(1) removal when a
 //!   waiter leaves). Entries and slots are independent of the future's type, so one table
 //!   serves services with different future types.
-//! - **Cost.** On success, an uncontended call allocates once (the boxed future) and takes
+//! - **Cost.** A request without a key (`None`) allocates nothing and takes no lock: the
+//!   key function, a clone of the inner service, and the inner call. On success, an
+//!   uncontended call allocates once (the boxed future) and takes
 //!   a shard lock twice (enter, leave); it makes no slot and clones nothing (the value moves
 //!   to its only caller). A successful shared call allocates twice (boxed future, slot; the
 //!   response is stored in the slot), plus its waiter list's amortized growth (one

@@ -13,8 +13,9 @@ use crate::upstream::Upstream;
 /// A service that coalesces concurrent identical requests, made by
 /// [`CoalesceLayer`](super::CoalesceLayer).
 ///
-/// `K` is the key type, `R` the response type, `F` the key function. `poll_ready` is always
-/// ready and reserves nothing; the shared call drives a clone of the inner service (see the
+/// `K` is the key type, `R` the response type, `F` the key function (`Fn(&Req) ->
+/// Option<K>`). `poll_ready` is always ready and reserves nothing; the shared call, and the
+/// call of a request without a key, drive a clone of the inner service (see the
 /// [module docs](crate::coalesce#admission-and-clone)).
 ///
 /// # Panics
@@ -75,7 +76,7 @@ where
     R: Clone + Send + Sync + 'static,
     Req: Send + 'static,
     K: Hash + Eq + Send + 'static,
-    F: Fn(&Req) -> K,
+    F: Fn(&Req) -> Option<K>,
 {
     type Response = R;
     type Error = BoxError;
@@ -90,6 +91,10 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let key = (self.key)(&req);
         let upstream = Upstream::new(self.inner.clone(), req);
-        ResponseFuture::new(self.table.join(key, upstream))
+        match key {
+            Some(key) => ResponseFuture::shared(self.table.join(key, upstream)),
+            // Not coalesced: no table, no metric, no allocation.
+            None => ResponseFuture::pass(upstream),
+        }
     }
 }

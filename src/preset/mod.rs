@@ -24,17 +24,21 @@
 //!
 //! From the caller inwards:
 //!
-//! 1. **coalescing**, only when asked for ([`coalesce`](DependencyBuilder::coalesce)):
-//!    outermost, so callers that share another's call take no permit and no rate token;
-//! 2. **an overall deadline** (a [`TimeoutLayer`] named `"<name>:deadline"`), so that limiter
+//! 1. **a response cache**, only when asked for ([`cache`](DependencyBuilder::cache)):
+//!    outermost, so a hit (or a stale value served) costs no permit, no rate token, no
+//!    breaker call and no timer: it never reaches the layers below;
+//! 2. **coalescing**, only when asked for ([`coalesce`](DependencyBuilder::coalesce)):
+//!    outside everything that admits, so callers that share another's call take no permit
+//!    and no rate token;
+//! 3. **an overall deadline** (a [`TimeoutLayer`] named `"<name>:deadline"`), so that limiter
 //!    wait + bulkhead wait + call time is bounded; by default the sum of the three maxima;
-//! 3. **a rate limiter**, only when asked for ([`rate_limit`](DependencyBuilder::rate_limit));
-//! 4. **a bulkhead** ([`concurrency`](DependencyBuilder::concurrency); 64 calls in flight, no
+//! 4. **a rate limiter**, only when asked for ([`rate_limit`](DependencyBuilder::rate_limit));
+//! 5. **a bulkhead** ([`concurrency`](DependencyBuilder::concurrency); 64 calls in flight, no
 //!    wait, by default), outside the per-call timeout so a permit is held at most that long,
 //!    and outside the breaker so its rejections never count against the dependency;
-//! 5. **a circuit breaker** ([`circuit_breaker`](DependencyBuilder::circuit_breaker); the
+//! 6. **a circuit breaker** ([`circuit_breaker`](DependencyBuilder::circuit_breaker); the
 //!    breaker's own defaults unless changed);
-//! 6. **a per-call timeout** ([`call_timeout`](DependencyBuilder::call_timeout), 1 s by
+//! 7. **a per-call timeout** ([`call_timeout`](DependencyBuilder::call_timeout), 1 s by
 //!    default), inside the breaker so slow calls count as failures.
 //!
 //! Every layer is named after the dependency, so its metric series, errors, events and
@@ -46,9 +50,53 @@
 //!
 //! The builder's type changes as layers are added ([`Off`] marks an absent optional layer), so
 //! the stack is a plain nesting of our services with no `Either` and no `Clone` bound on the
-//! response; coalescing, when on, needs `Response: Clone` as it always does. Cache support
-//! joins this preset when the cache layer lands.
+//! response. Cache and coalescing are off by default because they need `Response: Clone`
+//! (every caller of a shared call, and every hit, gets a clone).
+//!
+//! # Cache and coalescing together
+//!
+//! The cache coalesces its own misses (concurrent misses of one key make one fetch) and runs
+//! at most one early refresh per key, so **under the cache, coalescing with the same key
+//! function saves nothing**: each request it sees from the cache is already alone for its
+//! key (it only costs one table entry and one boxed future per fetch). It is useful for the
+//! requests the cache lets through, those whose *cache* key is `None` while their
+//! *coalescing* key is `Some`: requests asking for a fresh answer (`Cache-Control:
+//! no-cache`), or responses that may be shared among concurrent callers but not stored.
+//! Concurrent such requests then share one upstream call, and may also share a fetch or
+//! refresh of the cache in flight for the same coalescing key.
+//!
+//! So the preset accepts both and places them in that order, cache then coalescing, both
+//! above the deadline: `cache → coalesce → deadline → rate limit → bulkhead → breaker →
+//! timeout`. Ask for the cache alone when every request it should share has a cache key.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use tower_breakwater::preset::Dependency;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower_breakwater::BoxError> {
+//! // Merchant ids; id 0 means "read the current profile": never cached, still coalesced.
+//! let profiles = Dependency::builder("risk-profile")
+//!     .cache(|c| {
+//!         c.key(|id: &u64| (*id != 0).then_some(*id))
+//!             .ttl(Duration::from_secs(2))
+//!             .max_staleness(Duration::from_secs(30))
+//!     })
+//!     .coalesce(|id: &u64| Some(*id))
+//!     .build()?;
+//! let handle = profiles.cache();
+//! let svc = profiles.layer(service_fn(|id: u64| async move {
+//!     Ok::<_, std::io::Error>(format!("profile {id}"))
+//! }));
+//! assert_eq!(svc.clone().oneshot(7).await?, "profile 7"); // miss
+//! assert_eq!(svc.clone().oneshot(7).await?, "profile 7"); // hit: no permit taken
+//! assert_eq!(handle.snapshot().counter("hits"), Some(1));
+//! # Ok(())
+//! # }
+//! ```
 
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,13 +104,14 @@ use tower::Layer;
 use tower::layer::util::{Identity, Stack};
 
 use crate::bulkhead::{BulkheadBuilder, BulkheadHandle, BulkheadLayer};
+use crate::cache::{CacheBuilder, CacheHandle, CacheLayer, TtlConfig};
 use crate::circuit_breaker::{CircuitBreakerBuilder, CircuitBreakerHandle, CircuitBreakerLayer};
 use crate::classify::DefaultClassifier;
-use crate::coalesce::{CoalesceBuilder, CoalesceLayer};
+use crate::coalesce::{CoalesceBuilder, CoalesceHandle, CoalesceLayer};
 use crate::config::ConfigError;
 use crate::event::{Event, Listener};
 use crate::metrics::MetricsProfile;
-use crate::rate_limit::{RateLimitBuilder, RateLimitLayer};
+use crate::rate_limit::{RateLimitBuilder, RateLimitHandle, RateLimitLayer};
 use crate::registry::Registry;
 use crate::timeout::{FixedTimeout, TimeoutBuilder, TimeoutLayer};
 
@@ -158,10 +207,25 @@ impl<Req, K, F> sealed::Sealed for CoalesceBuilder<Req, K, F> {}
 
 impl<Req, K, F> Pending for CoalesceBuilder<Req, K, F>
 where
-    F: Fn(&Req) -> K + Clone,
-    K: std::hash::Hash + Eq + Send + 'static,
+    F: Fn(&Req) -> Option<K> + Clone,
+    K: Hash + Eq + Send + 'static,
 {
     type Layer = CoalesceLayer<Req, K, F>;
+
+    fn build_layer(self, c: &CommonSettings) -> Result<Self::Layer, ConfigError> {
+        common!(c, self, c.name.clone()).build()
+    }
+}
+
+impl<Req, K, F, T, Cl> sealed::Sealed for CacheBuilder<Req, K, F, T, Cl> {}
+
+impl<Req, K, F, T, Cl> Pending for CacheBuilder<Req, K, F, T, Cl>
+where
+    F: Fn(&Req) -> Option<K> + Clone,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    T: TtlConfig,
+{
+    type Layer = CacheLayer<Req, K, F, T, Cl>;
 
     fn build_layer(self, c: &CommonSettings) -> Result<Self::Layer, ConfigError> {
         common!(c, self, c.name.clone()).build()
@@ -176,34 +240,31 @@ impl Dependency {
     /// A preset for the dependency `name` with the defaults described in the
     /// [module docs](crate::preset).
     pub fn builder(name: impl Into<Arc<str>>) -> DependencyBuilder {
-        let name = name.into();
         DependencyBuilder {
-            name,
-            call_timeout: DEFAULT_CALL_TIMEOUT,
-            deadline: None,
-            concurrency: (DEFAULT_CONCURRENCY, Duration::ZERO),
-            limiter_wait: Duration::ZERO,
-            timeout: TimeoutLayer::builder(),
-            breaker: CircuitBreakerLayer::builder(),
-            bulkhead: BulkheadLayer::builder(),
+            base: Base {
+                name: name.into(),
+                call_timeout: DEFAULT_CALL_TIMEOUT,
+                deadline: None,
+                concurrency: (DEFAULT_CONCURRENCY, Duration::ZERO),
+                limiter_wait: Duration::ZERO,
+                timeout: TimeoutLayer::builder(),
+                breaker: CircuitBreakerLayer::builder(),
+                bulkhead: BulkheadLayer::builder(),
+                profile: None,
+                registry: None,
+                listeners: Vec::new(),
+                record_durations: false,
+            },
             classifier: DefaultClassifier,
             rate_limit: Off,
             coalesce: Off,
-            profile: None,
-            registry: None,
-            listeners: Vec::new(),
-            record_durations: false,
+            cache: Off,
         }
     }
 }
 
-/// Builds a [`DependencyLayer`]; see the [module docs](crate::preset).
-///
-/// `C` is the classifier of the breaker and per-call timeout, `R` the pending rate limiter
-/// ([`Off`] or a [`RateLimitBuilder`]), `K` the pending coalescing layer ([`Off`] or a
-/// [`CoalesceBuilder`]).
-#[must_use]
-pub struct DependencyBuilder<C = DefaultClassifier, R = Off, K = Off> {
+/// The settings that do not change the builder's type.
+struct Base {
     name: Arc<str>,
     call_timeout: Duration,
     deadline: Option<Duration>,
@@ -212,30 +273,61 @@ pub struct DependencyBuilder<C = DefaultClassifier, R = Off, K = Off> {
     timeout: TimeoutBuilder,
     breaker: CircuitBreakerBuilder,
     bulkhead: BulkheadBuilder,
-    classifier: C,
-    rate_limit: R,
-    coalesce: K,
     profile: Option<MetricsProfile>,
     registry: Option<Registry>,
     listeners: Vec<Listener>,
     record_durations: bool,
 }
 
-impl<C, R, K> std::fmt::Debug for DependencyBuilder<C, R, K> {
+/// Builds a [`DependencyLayer`]; see the [module docs](crate::preset).
+///
+/// `C` is the classifier of the breaker and per-call timeout, `R` the pending rate limiter
+/// ([`Off`] or a [`RateLimitBuilder`]), `K` the pending coalescing layer ([`Off`] or a
+/// [`CoalesceBuilder`]), `Ca` the pending cache ([`Off`] or a [`CacheBuilder`]).
+#[must_use]
+pub struct DependencyBuilder<C = DefaultClassifier, R = Off, K = Off, Ca = Off> {
+    base: Base,
+    classifier: C,
+    rate_limit: R,
+    coalesce: K,
+    cache: Ca,
+}
+
+impl<C, R, K, Ca> std::fmt::Debug for DependencyBuilder<C, R, K, Ca> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DependencyBuilder")
-            .field("name", &self.name)
-            .field("call_timeout", &self.call_timeout)
-            .field("deadline", &self.deadline)
-            .field("concurrency", &self.concurrency)
+            .field("name", &self.base.name)
+            .field("call_timeout", &self.base.call_timeout)
+            .field("deadline", &self.base.deadline)
+            .field("concurrency", &self.base.concurrency)
             .finish_non_exhaustive()
     }
 }
 
-impl<C, R, K> DependencyBuilder<C, R, K> {
+impl<C, R, K, Ca> DependencyBuilder<C, R, K, Ca> {
+    fn into_parts(self) -> (Base, C, R, K, Ca) {
+        (
+            self.base,
+            self.classifier,
+            self.rate_limit,
+            self.coalesce,
+            self.cache,
+        )
+    }
+
+    fn from_parts(base: Base, classifier: C, rate_limit: R, coalesce: K, cache: Ca) -> Self {
+        DependencyBuilder {
+            base,
+            classifier,
+            rate_limit,
+            coalesce,
+            cache,
+        }
+    }
+
     /// The per-call timeout (default [`DEFAULT_CALL_TIMEOUT`]); must be > 0.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
-        self.call_timeout = timeout;
+        self.base.call_timeout = timeout;
         self
     }
 
@@ -243,7 +335,7 @@ impl<C, R, K> DependencyBuilder<C, R, K> {
     /// the limiter's maximum wait, the bulkhead's maximum wait and the call timeout); must be
     /// > 0.
     pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.deadline = Some(deadline);
+        self.base.deadline = Some(deadline);
         self
     }
 
@@ -251,7 +343,7 @@ impl<C, R, K> DependencyBuilder<C, R, K> {
     /// permit (zero: rejected at once, load shedding). Default: [`DEFAULT_CONCURRENCY`], no
     /// wait.
     pub fn concurrency(mut self, max: usize, max_wait: Duration) -> Self {
-        self.concurrency = (max, max_wait);
+        self.base.concurrency = (max, max_wait);
         self
     }
 
@@ -259,85 +351,64 @@ impl<C, R, K> DependencyBuilder<C, R, K> {
     /// at most `max_wait` for its slot (zero: rejected at once). See
     /// [`rate_limit`](crate::rate_limit).
     pub fn rate_limit(
-        self,
+        mut self,
         count: u64,
         period: Duration,
         burst: u64,
         max_wait: Duration,
-    ) -> DependencyBuilder<C, RateLimitBuilder, K> {
+    ) -> DependencyBuilder<C, RateLimitBuilder, K, Ca> {
         let limiter = RateLimitLayer::builder()
             .rate(count, period)
             .burst(burst)
             .max_wait(max_wait);
-        DependencyBuilder {
-            name: self.name,
-            call_timeout: self.call_timeout,
-            deadline: self.deadline,
-            concurrency: self.concurrency,
-            limiter_wait: max_wait,
-            timeout: self.timeout,
-            breaker: self.breaker,
-            bulkhead: self.bulkhead,
-            classifier: self.classifier,
-            rate_limit: limiter,
-            coalesce: self.coalesce,
-            profile: self.profile,
-            registry: self.registry,
-            listeners: self.listeners,
-            record_durations: self.record_durations,
-        }
+        self.base.limiter_wait = max_wait;
+        let (base, classifier, _, coalesce, cache) = self.into_parts();
+        DependencyBuilder::from_parts(base, classifier, limiter, coalesce, cache)
     }
 
-    /// Adds coalescing, outermost, keyed by `key` (see [`coalesce`](crate::coalesce): the key
-    /// must capture everything that affects the response).
+    /// Adds coalescing, outside every layer that admits (inside the cache when there is one),
+    /// keyed by `key`: `Some(key)` for a request that may share a call in flight, `None` to
+    /// pass it through (see [`coalesce`](crate::coalesce): the key must capture everything
+    /// that affects the response; for HTTP, [`HttpKey::key`](crate::http::HttpKey::key)).
+    /// With a cache, see [Cache and coalescing together](crate::preset#cache-and-coalescing-together).
     pub fn coalesce<Req, K2, F>(
         self,
         key: F,
-    ) -> DependencyBuilder<C, R, CoalesceBuilder<Req, K2, F>>
+    ) -> DependencyBuilder<C, R, CoalesceBuilder<Req, K2, F>, Ca>
     where
-        F: Fn(&Req) -> K2 + Clone,
-        K2: std::hash::Hash + Eq + Send + 'static,
+        F: Fn(&Req) -> Option<K2> + Clone,
+        K2: Hash + Eq + Send + 'static,
     {
-        DependencyBuilder {
-            name: self.name,
-            call_timeout: self.call_timeout,
-            deadline: self.deadline,
-            concurrency: self.concurrency,
-            limiter_wait: self.limiter_wait,
-            timeout: self.timeout,
-            breaker: self.breaker,
-            bulkhead: self.bulkhead,
-            classifier: self.classifier,
-            rate_limit: self.rate_limit,
-            coalesce: CoalesceLayer::builder().key(key),
-            profile: self.profile,
-            registry: self.registry,
-            listeners: self.listeners,
-            record_durations: self.record_durations,
-        }
+        let coalesce = CoalesceLayer::builder().key(key);
+        let (base, classifier, rate_limit, _, cache) = self.into_parts();
+        DependencyBuilder::from_parts(base, classifier, rate_limit, coalesce, cache)
+    }
+
+    /// Adds a response cache, outermost. `configure` receives the cache's builder with its
+    /// defaults ([`CacheLayer::builder`]) and must set at least its key function and a TTL;
+    /// every other setting (XFetch's `beta`, `max_entries`, `max_staleness`, the
+    /// classifier deciding what is stored, ...) is the cache's own. Its name and common
+    /// settings are the preset's. Responses must be `Clone` (a hit returns a clone).
+    ///
+    /// Its classifier is its own (default [`DefaultClassifier`]: every `Ok` is stored), not
+    /// the preset's: what may be stored is a separate question from what counts as a failure.
+    /// For HTTP, set [`HttpClassifier`](crate::http::HttpClassifier) in `configure` so a `503`
+    /// is never stored.
+    pub fn cache<Req, K2, F, T, Cl>(
+        self,
+        configure: impl FnOnce(CacheBuilder) -> CacheBuilder<Req, K2, F, T, Cl>,
+    ) -> DependencyBuilder<C, R, K, CacheBuilder<Req, K2, F, T, Cl>> {
+        let cache = configure(CacheLayer::builder());
+        let (base, classifier, rate_limit, coalesce, _) = self.into_parts();
+        DependencyBuilder::from_parts(base, classifier, rate_limit, coalesce, cache)
     }
 
     /// The classifier of the breaker and the per-call timeout (default
     /// [`DefaultClassifier`]; for HTTP, [`HttpClassifier`](crate::http::HttpClassifier) with
     /// the `http` feature).
-    pub fn classifier<C2>(self, classifier: C2) -> DependencyBuilder<C2, R, K> {
-        DependencyBuilder {
-            name: self.name,
-            call_timeout: self.call_timeout,
-            deadline: self.deadline,
-            concurrency: self.concurrency,
-            limiter_wait: self.limiter_wait,
-            timeout: self.timeout,
-            breaker: self.breaker,
-            bulkhead: self.bulkhead,
-            classifier,
-            rate_limit: self.rate_limit,
-            coalesce: self.coalesce,
-            profile: self.profile,
-            registry: self.registry,
-            listeners: self.listeners,
-            record_durations: self.record_durations,
-        }
+    pub fn classifier<C2>(self, classifier: C2) -> DependencyBuilder<C2, R, K, Ca> {
+        let (base, _, rate_limit, coalesce, cache) = self.into_parts();
+        DependencyBuilder::from_parts(base, classifier, rate_limit, coalesce, cache)
     }
 
     /// Changes the circuit breaker's settings (window, thresholds, waits, half-open probes).
@@ -346,7 +417,7 @@ impl<C, R, K> DependencyBuilder<C, R, K> {
         mut self,
         configure: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder,
     ) -> Self {
-        self.breaker = configure(self.breaker);
+        self.base.breaker = configure(self.base.breaker);
         self
     }
 
@@ -356,7 +427,7 @@ impl<C, R, K> DependencyBuilder<C, R, K> {
         mut self,
         configure: impl FnOnce(TimeoutBuilder) -> TimeoutBuilder,
     ) -> Self {
-        self.timeout = configure(self.timeout);
+        self.base.timeout = configure(self.base.timeout);
         self
     }
 
@@ -365,50 +436,70 @@ impl<C, R, K> DependencyBuilder<C, R, K> {
         mut self,
         configure: impl FnOnce(BulkheadBuilder) -> BulkheadBuilder,
     ) -> Self {
-        self.bulkhead = configure(self.bulkhead);
+        self.base.bulkhead = configure(self.base.bulkhead);
         self
     }
 
     /// The metrics profile of every layer (default
     /// [`MetricsProfile::Breakwater`]).
     pub fn metrics_profile(mut self, profile: MetricsProfile) -> Self {
-        self.profile = Some(profile);
+        self.base.profile = Some(profile);
         self
     }
 
     /// Adds every layer to `registry`.
     pub fn registry(mut self, registry: &Registry) -> Self {
-        self.registry = Some(registry.clone());
+        self.base.registry = Some(registry.clone());
         self
     }
 
     /// Adds an event listener to every layer.
     pub fn on_event(mut self, listener: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
-        self.listeners.push(Arc::new(listener));
+        self.base.listeners.push(Arc::new(listener));
         self
     }
 
     /// Turns every layer's duration histograms on or off (default off).
     pub fn record_durations(mut self, on: bool) -> Self {
-        self.record_durations = on;
+        self.base.record_durations = on;
         self
     }
 }
 
+impl<C, R, Req, K2, F, Ca> DependencyBuilder<C, R, CoalesceBuilder<Req, K2, F>, Ca> {
+    /// Changes other settings of the coalescing layer (e.g. `followers_histogram`). Its name
+    /// and common settings are the preset's.
+    pub fn configure_coalesce(
+        mut self,
+        configure: impl FnOnce(CoalesceBuilder<Req, K2, F>) -> CoalesceBuilder<Req, K2, F>,
+    ) -> Self {
+        self.coalesce = configure(self.coalesce);
+        self
+    }
+}
+
+/// The layer a [`DependencyBuilder`] with these parts builds.
+pub type Built<C, R, K, Ca> =
+    DependencyLayer<C, <R as Pending>::Layer, <K as Pending>::Layer, <Ca as Pending>::Layer>;
+
 /// The layer stack a preset builds, outermost last (tower's `Stack` order).
-pub type PresetStack<C, R, K> = Stack<
+pub type PresetStack<C, R, K, Ca> = Stack<
     TimeoutLayer<FixedTimeout, C>,
     Stack<
         CircuitBreakerLayer<C>,
-        Stack<BulkheadLayer, Stack<R, Stack<TimeoutLayer, Stack<K, Identity>>>>,
+        Stack<BulkheadLayer, Stack<R, Stack<TimeoutLayer, Stack<K, Stack<Ca, Identity>>>>>,
     >,
 >;
 
-impl<C, R, K> DependencyBuilder<C, R, K>
+impl<C, R, K, Ca> DependencyBuilder<C, R, K, Ca>
 where
     C: Clone,
     R: Pending,
     K: Pending,
+    Ca: Pending,
+    R::Layer: Clone,
+    K::Layer: Clone,
+    Ca::Layer: Clone,
 {
     /// Validates every layer's configuration, registers their metric handles and returns the
     /// stack as one layer.
@@ -416,39 +507,47 @@ where
     /// # Errors
     ///
     /// The first layer's [`ConfigError`]: a zero call timeout or deadline, a zero bulkhead
-    /// size, an invalid breaker or rate-limiter setting, an empty name.
-    pub fn build(self) -> Result<DependencyLayer<C, R::Layer, K::Layer>, ConfigError> {
-        let name = self.name.clone();
+    /// size, an invalid breaker, rate-limiter or cache setting (no TTL, ...), an empty name.
+    pub fn build(self) -> Result<Built<C, R, K, Ca>, ConfigError> {
+        let base = self.base;
+        let name = base.name.clone();
         let c = CommonSettings {
             name: name.clone(),
-            profile: self.profile,
-            registry: self.registry.clone(),
-            listeners: self.listeners.clone(),
-            record_durations: self.record_durations,
+            profile: base.profile,
+            registry: base.registry.clone(),
+            listeners: base.listeners.clone(),
+            record_durations: base.record_durations,
         };
+        let cache = self.cache.build_layer(&c)?;
         let coalesce = self.coalesce.build_layer(&c)?;
         let rate_limit = self.rate_limit.build_layer(&c)?;
-        let deadline = self.deadline.unwrap_or_else(|| {
-            self.call_timeout
-                .saturating_add(self.concurrency.1)
-                .saturating_add(self.limiter_wait)
+        let deadline = base.deadline.unwrap_or_else(|| {
+            base.call_timeout
+                .saturating_add(base.concurrency.1)
+                .saturating_add(base.limiter_wait)
         });
         let deadline_layer = common!(&c, TimeoutLayer::builder(), format!("{name}:deadline"))
             .timeout(deadline)
             .build()?;
-        let bulkhead = common!(&c, self.bulkhead, name.clone())
-            .max_concurrent_calls(self.concurrency.0)
-            .max_wait(self.concurrency.1)
+        let bulkhead = common!(&c, base.bulkhead, name.clone())
+            .max_concurrent_calls(base.concurrency.0)
+            .max_wait(base.concurrency.1)
             .build()?;
-        let breaker = common!(&c, self.breaker, name.clone())
+        let breaker = common!(&c, base.breaker, name.clone())
             .classifier(self.classifier.clone())
             .build()?;
-        let timeout = common!(&c, self.timeout, name.clone())
-            .timeout(self.call_timeout)
+        let timeout = common!(&c, base.timeout, name.clone())
+            .timeout(base.call_timeout)
             .classifier(self.classifier)
             .build()?;
         let (breaker_handle, bulkhead_handle) = (breaker.handle(), bulkhead.handle());
+        let parts = Parts {
+            rate_limit: rate_limit.clone(),
+            coalesce: coalesce.clone(),
+            cache: cache.clone(),
+        };
         let stack = tower::ServiceBuilder::new()
+            .layer(cache)
             .layer(coalesce)
             .layer(deadline_layer)
             .layer(rate_limit)
@@ -460,20 +559,31 @@ where
             stack,
             breaker: breaker_handle,
             bulkhead: bulkhead_handle,
+            parts,
         })
     }
 }
 
-/// The preset's stack as one layer, with handles on its stateful parts. Cheap to clone;
-/// every service it makes shares one breaker, one bulkhead, one limiter.
+/// The optional layers, kept for their handles.
 #[derive(Clone)]
-pub struct DependencyLayer<C, R, K> {
-    stack: PresetStack<C, R, K>,
-    breaker: CircuitBreakerHandle,
-    bulkhead: BulkheadHandle,
+struct Parts<R, K, Ca> {
+    rate_limit: R,
+    coalesce: K,
+    cache: Ca,
 }
 
-impl<C, R, K> std::fmt::Debug for DependencyLayer<C, R, K> {
+/// The preset's stack as one layer, with handles on its stateful parts. Cheap to clone;
+/// every service it makes shares one cache, one coalescing table, one breaker, one bulkhead,
+/// one limiter.
+#[derive(Clone)]
+pub struct DependencyLayer<C, R, K, Ca = Identity> {
+    stack: PresetStack<C, R, K, Ca>,
+    breaker: CircuitBreakerHandle,
+    bulkhead: BulkheadHandle,
+    parts: Parts<R, K, Ca>,
+}
+
+impl<C, R, K, Ca> std::fmt::Debug for DependencyLayer<C, R, K, Ca> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DependencyLayer")
             .field("name", &self.breaker.name())
@@ -481,7 +591,7 @@ impl<C, R, K> std::fmt::Debug for DependencyLayer<C, R, K> {
     }
 }
 
-impl<C, R, K> DependencyLayer<C, R, K> {
+impl<C, R, K, Ca> DependencyLayer<C, R, K, Ca> {
     /// The circuit breaker's handle (state, snapshot, force open, reset).
     pub fn breaker(&self) -> &CircuitBreakerHandle {
         &self.breaker
@@ -493,11 +603,32 @@ impl<C, R, K> DependencyLayer<C, R, K> {
     }
 }
 
-impl<S, C, R, K> Layer<S> for DependencyLayer<C, R, K>
+impl<C, K, Ca> DependencyLayer<C, RateLimitLayer, K, Ca> {
+    /// The rate limiter's handle (snapshot), when the preset has one.
+    pub fn rate_limiter(&self) -> RateLimitHandle {
+        self.parts.rate_limit.handle()
+    }
+}
+
+impl<C, R, Req, K2, F, Ca> DependencyLayer<C, R, CoalesceLayer<Req, K2, F>, Ca> {
+    /// The coalescing layer's handle (snapshot), when the preset has one.
+    pub fn coalescer(&self) -> CoalesceHandle {
+        self.parts.coalesce.handle()
+    }
+}
+
+impl<C, R, K, Req, K2, F, T, Cl> DependencyLayer<C, R, K, CacheLayer<Req, K2, F, T, Cl>> {
+    /// The cache's handle (snapshot), when the preset has one.
+    pub fn cache(&self) -> CacheHandle {
+        self.parts.cache.handle()
+    }
+}
+
+impl<S, C, R, K, Ca> Layer<S> for DependencyLayer<C, R, K, Ca>
 where
-    PresetStack<C, R, K>: Layer<S>,
+    PresetStack<C, R, K, Ca>: Layer<S>,
 {
-    type Service = <PresetStack<C, R, K> as Layer<S>>::Service;
+    type Service = <PresetStack<C, R, K, Ca> as Layer<S>>::Service;
 
     fn layer(&self, inner: S) -> Self::Service {
         self.stack.layer(inner)

@@ -282,7 +282,7 @@ where
 fn coalesce(h: &mut Harness) {
     let mut c = h.category("coalesce", "coalesce, uncontended (fresh key)");
     let ours = tower_breakwater::coalesce::CoalesceLayer::builder()
-        .key(|req: &u64| *req)
+        .key(|req: &u64| Some(*req))
         .build()
         .expect("valid coalesce layer");
     c.ours("breakwater coalesce", ours.layer(inner()));
