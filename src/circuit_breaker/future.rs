@@ -91,17 +91,17 @@ impl Drop for Guard {
 /// period is dropped, as for every call (see the
 /// [module docs](crate::circuit_breaker#semantics)).
 pub struct Admission {
-    guard: Guard,
+    /// `None` when the call ended at the response (recorded in place by the future).
+    guard: Option<Guard>,
     outcome: Outcome,
 }
 
 impl fmt::Debug for Admission {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admission")
-            .field("breaker", &self.guard.shared().name)
-            .field("probe", &self.guard.ticket.probe)
+            .field("breaker", &self.guard.as_ref().map(|g| &g.shared().name))
             .field("outcome", &self.outcome)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -109,12 +109,14 @@ impl sealed::Sealed for Admission {}
 
 impl CallEnd for Admission {
     #[inline]
-    fn end(mut self, how: End) {
+    fn end(self, how: End) {
         let outcome = match how {
             End::BodyError => Outcome::Failure,
             End::Response | End::EndOfStream | End::Dropped => self.outcome,
         };
-        self.guard.finish(outcome);
+        if let Some(mut guard) = self.guard {
+            guard.finish(outcome);
+        }
     }
 }
 
@@ -216,7 +218,16 @@ where
                     Poll::Ready(Ok(res)) => {
                         this.kind.set(Kind::Done);
                         let outcome = this.classifier.classify(Ok(&res));
-                        let guard = this.guard.take().expect("an admitted call holds its guard");
+                        let guard = if M::AFTER_RESPONSE {
+                            this.guard.take()
+                        } else {
+                            // Ends here: recorded in place, so the guard stays with this
+                            // future and nothing is moved on the hot path.
+                            if let Some(g) = this.guard.as_mut() {
+                                g.finish(outcome);
+                            }
+                            None
+                        };
                         let admission = Admission { guard, outcome };
                         return Poll::Ready(Ok(this.completion.complete(res, admission)));
                     }
