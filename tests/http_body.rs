@@ -270,6 +270,7 @@ async fn breaker_counts_a_body_error_as_a_failure() {
     assert_eq!(transitions(&rec, "closed", "open"), Some(1));
 }
 
+/// Opens at 50% slow calls (over 100 ms) among the last 2.
 fn slow_breaker(rec: &TestRecorder) -> CircuitBreakerLayer<HttpClassifier, WholeBody> {
     breaker(rec, |b| {
         b.sliding_window(SlidingWindow::count_based(2))

@@ -100,6 +100,8 @@
 //! more than one allocation costs a call that waits anyway. With no limit on the wait
 //! (`max_wait(Duration::MAX)`), waiting allocates nothing. A rejection allocates one box,
 //! for its error.
+//! With [`whole_body`](BulkheadBuilder::whole_body), the permit moves into the response's
+//! body: nothing more is allocated, per call or per frame.
 //!
 //! # Concurrency
 //!
