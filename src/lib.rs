@@ -76,6 +76,8 @@
 
 pub mod classify;
 pub mod clock;
+#[cfg(any(feature = "timeout", feature = "bulkhead", feature = "circuit-breaker"))]
+pub mod completion;
 pub mod config;
 pub mod error;
 pub mod event;

@@ -554,3 +554,101 @@ mod cache {
         );
     }
 }
+
+/// The three `.whole_body()` layers stacked, the body read frame by frame to its end on every
+/// call: the wrapped bodies allocate nothing per frame, and nothing per call while the body
+/// never returns `Pending` (the timeout's timer is armed only for a body that does).
+#[cfg(all(
+    feature = "http",
+    feature = "timeout",
+    feature = "bulkhead",
+    feature = "circuit-breaker"
+))]
+mod whole_body {
+    use super::*;
+    use bytes::Bytes;
+    use http_body::Body;
+    use http_body_util::{BodyExt, Full};
+    use tower::ServiceBuilder;
+    use tower_breakwater::bulkhead::BulkheadLayer;
+    use tower_breakwater::circuit_breaker::CircuitBreakerLayer;
+    use tower_breakwater::timeout::TimeoutLayer;
+
+    /// Allocations of `CALLS` calls, each reading its body to the end (the difference of two
+    /// runs, as in [`allocs_per_call`]).
+    fn allocs_per_read_call<S, B>(rt: &tokio::runtime::Runtime, mut svc: S) -> u64
+    where
+        S: Service<u32, Response = http::Response<B>>,
+        S::Error: std::fmt::Debug,
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Debug,
+    {
+        let mut run = |n: u64| {
+            allocation_counter::measure(|| {
+                rt.block_on(async {
+                    for i in 0..n {
+                        let res = svc.ready().await.unwrap().call(1).await.unwrap();
+                        let mut body = res.into_body();
+                        let mut frames = 0;
+                        while let Some(frame) = body.frame().await {
+                            frame.unwrap();
+                            frames += 1;
+                        }
+                        assert_eq!(frames, 1, "call {i}");
+                    }
+                })
+            })
+            .count_total
+        };
+        run(100);
+        let once = run(CALLS);
+        let twice = run(2 * CALLS);
+        twice.saturating_sub(once)
+    }
+
+    #[test]
+    fn stacked_whole_body_layers_allocate_nothing_per_call_or_frame() {
+        let rt = runtime();
+        let rec = TestRecorder::default();
+        let (bulkhead, breaker, timeout) = rec.install_while(|| {
+            (
+                BulkheadLayer::builder()
+                    .max_concurrent_calls(10)
+                    .whole_body()
+                    .build()
+                    .unwrap(),
+                CircuitBreakerLayer::builder()
+                    .slow_call_rate_threshold(0.5)
+                    .whole_body()
+                    .build()
+                    .unwrap(),
+                TimeoutLayer::builder()
+                    .timeout(Duration::from_secs(1))
+                    .whole_body()
+                    .build()
+                    .unwrap(),
+            )
+        });
+        let permits = bulkhead.handle();
+        let svc = ServiceBuilder::new()
+            .layer(bulkhead)
+            .layer(breaker)
+            .layer(timeout)
+            .service(tower::service_fn(|_: u32| async {
+                tokio::task::yield_now().await;
+                let body = Full::new(Bytes::from_static(b"frame"));
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            }));
+        assert_eq!(allocs_per_read_call(&rt, svc), 0);
+        assert_eq!(permits.available(), 10);
+        let success = [("name", "default"), ("outcome", "success")];
+        assert_eq!(
+            rec.counter("breakwater_circuit_breaker_calls_total", &success),
+            Some(100 + 3 * CALLS)
+        );
+        assert_eq!(
+            rec.counter("breakwater_timeout_calls_total", &success),
+            Some(100 + 3 * CALLS)
+        );
+    }
+}

@@ -33,7 +33,7 @@ fn layer(
 ) -> TimeoutLayer<
     tower_breakwater::timeout::FixedTimeout,
     tower_breakwater::classify::DefaultClassifier,
-    tower_breakwater::timeout::WholeBody,
+    tower_breakwater::completion::WholeBody,
 > {
     rec.install_while(|| {
         TimeoutLayer::builder()

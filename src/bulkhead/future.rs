@@ -10,11 +10,31 @@ use tower::Service;
 
 use super::layer::Shared;
 use crate::clock::{self, Instant};
+use crate::completion::{AtResponse, CallEnd, Completion, End, sealed};
 use crate::error::{BoxError, BreakwaterError};
 
-/// One held permit; returns it when dropped (RAII), exactly once.
-pub(super) struct Permit {
+/// One held bulkhead permit, returned when dropped (RAII), exactly once. With
+/// [`whole_body`](super::BulkheadBuilder::whole_body) it is held inside the response's
+/// [`BulkheadBody`](super::BulkheadBody) until the body ends, fails or is dropped. Not
+/// constructible outside the crate.
+pub struct Permit {
     shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("bulkhead", &self.shared.name)
+            .finish()
+    }
+}
+
+impl sealed::Sealed for Permit {}
+
+/// However the call ends, the permit is returned (dropped).
+impl CallEnd for Permit {
+    #[inline]
+    fn end(self, _how: End) {}
 }
 
 impl Permit {
@@ -149,7 +169,7 @@ pin_project! {
     /// - When a queued call with a finite maximum wait is polled outside a tokio runtime
     ///   whose time driver is enabled (it arms a `tokio::time` timer); its place in the
     ///   queue is given up as that panic unwinds.
-    pub struct ResponseFuture<S, Req>
+    pub struct ResponseFuture<S, Req, M = AtResponse>
     where
         S: Service<Req>,
     {
@@ -163,10 +183,11 @@ pin_project! {
         svc: Option<S>,
         req: Option<Req>,
         permit: Option<Permit>,
+        completion: M,
     }
 }
 
-impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+impl<S: Service<Req>, Req, M> fmt::Debug for ResponseFuture<S, Req, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Waiting { .. } => "waiting",
@@ -182,19 +203,20 @@ impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
     }
 }
 
-impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+impl<S: Service<Req>, Req, M> ResponseFuture<S, Req, M> {
     #[inline]
-    pub(super) fn admitted(svc: S, req: Req, permit: Permit) -> Self {
+    pub(super) fn admitted(svc: S, req: Req, permit: Permit, completion: M) -> Self {
         ResponseFuture {
             state: State::Ready,
             sleep: None,
             svc: Some(svc),
             req: Some(req),
             permit: Some(permit),
+            completion,
         }
     }
 
-    pub(super) fn queued(svc: S, req: Req, ticket: Ticket) -> Self {
+    pub(super) fn queued(svc: S, req: Req, ticket: Ticket, completion: M) -> Self {
         ResponseFuture {
             state: State::Waiting {
                 ticket: Some(ticket),
@@ -203,10 +225,11 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
             svc: Some(svc),
             req: Some(req),
             permit: None,
+            completion,
         }
     }
 
-    pub(super) fn rejected(err: BreakwaterError) -> Self {
+    pub(super) fn rejected(err: BreakwaterError, completion: M) -> Self {
         ResponseFuture {
             state: State::Rejected {
                 err: Some(Box::new(err)),
@@ -215,16 +238,18 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
             svc: None,
             req: None,
             permit: None,
+            completion,
         }
     }
 }
 
-impl<S, Req> Future for ResponseFuture<S, Req>
+impl<S, Req, M> Future for ResponseFuture<S, Req, M>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    M: Completion<S::Response>,
 {
-    type Output = Result<S::Response, BoxError>;
+    type Output = Result<M::Output<Permit>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -317,11 +342,17 @@ where
                             Poll::Pending
                         }
                         Poll::Ready(result) => {
-                            // Completed: drop the inner future, then return the permit now,
-                            // not when the caller drops this future.
+                            // Completed: drop the inner future, then return the permit now
+                            // (or, with `WholeBody`, when the response's body ends), not
+                            // when the caller drops this future.
                             this.state.set(State::Done);
-                            drop(permit);
-                            Poll::Ready(result.map_err(Into::into))
+                            Poll::Ready(match result {
+                                Ok(res) => Ok(this.completion.complete(res, permit)),
+                                Err(e) => {
+                                    drop(permit);
+                                    Err(e.into())
+                                }
+                            })
                         }
                     };
                 }

@@ -10,6 +10,9 @@ use super::Bulkhead;
 use super::future::{Permit, Ticket};
 use super::semaphore::{Enqueue, Semaphore};
 use crate::clock;
+use crate::completion::AtResponse;
+#[cfg(feature = "http")]
+use crate::completion::WholeBody;
 use crate::config::{Common, ConfigError, common_builder_methods};
 use crate::error::{BreakwaterError, ErrorKind, LayerKind};
 use crate::event::{EventKind, Events};
@@ -173,16 +176,29 @@ impl Shared {
 ///
 /// Required: [`max_concurrent_calls`](Self::max_concurrent_calls). Defaults: no waiting
 /// (`max_wait` zero: reject at once, load shedding), no limit on waiters when waiting is on.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[must_use]
-pub struct BulkheadBuilder {
+pub struct BulkheadBuilder<M = AtResponse> {
     common: Common,
     max_concurrent_calls: Option<usize>,
     max_wait: Duration,
     max_waiting: Option<usize>,
+    completion: M,
 }
 
-impl BulkheadBuilder {
+impl Default for BulkheadBuilder {
+    fn default() -> Self {
+        BulkheadBuilder {
+            common: Common::default(),
+            max_concurrent_calls: None,
+            max_wait: Duration::ZERO,
+            max_waiting: None,
+            completion: AtResponse,
+        }
+    }
+}
+
+impl<M> BulkheadBuilder<M> {
     common_builder_methods!();
 
     /// The maximum number of calls holding a permit at once, in `1..=u32::MAX` (required).
@@ -214,6 +230,22 @@ impl BulkheadBuilder {
         self
     }
 
+    /// For `http::Response` services: the call ends at the end of the response body, not at
+    /// its headers, so the permit is held until the body reaches its end of stream, fails, or
+    /// is dropped unread, and returned then, exactly once (see
+    /// [`WholeBody`] and [`BulkheadBody`](super::BulkheadBody)). A slow body then counts
+    /// against the limit as long as it holds a connection. Requires the `http` feature.
+    #[cfg(feature = "http")]
+    pub fn whole_body(self) -> BulkheadBuilder<WholeBody> {
+        BulkheadBuilder {
+            common: self.common,
+            max_concurrent_calls: self.max_concurrent_calls,
+            max_wait: self.max_wait,
+            max_waiting: self.max_waiting,
+            completion: WholeBody,
+        }
+    }
+
     /// Validates the configuration, registers the metric handles with the current recorder
     /// and returns the layer.
     ///
@@ -222,7 +254,7 @@ impl BulkheadBuilder {
     /// A [`ConfigError`] naming the field when `max_concurrent_calls` is unset or outside
     /// `1..=u32::MAX`, when `max_waiting` is outside `1..=u32::MAX` or set while `max_wait`
     /// is zero (nobody waits), or when the name is empty.
-    pub fn build(self) -> Result<BulkheadLayer, ConfigError> {
+    pub fn build(self) -> Result<BulkheadLayer<M>, ConfigError> {
         const COUNT: &str = "a count in 1..=4294967295";
         let v = self.common.validator(LayerKind::Bulkhead)?;
         let max = v.required("max_concurrent_calls", self.max_concurrent_calls, COUNT)?;
@@ -283,7 +315,10 @@ impl BulkheadBuilder {
                 .snapshot(),
             )
         });
-        Ok(BulkheadLayer { shared })
+        Ok(BulkheadLayer {
+            shared,
+            completion: self.completion,
+        })
     }
 }
 
@@ -293,8 +328,9 @@ impl BulkheadBuilder {
 /// Cheap to clone (one `Arc`); every clone, and every service it makes, shares one
 /// bulkhead.
 #[derive(Debug, Clone)]
-pub struct BulkheadLayer {
+pub struct BulkheadLayer<M = AtResponse> {
     pub(super) shared: Arc<Shared>,
+    completion: M,
 }
 
 impl BulkheadLayer {
@@ -316,7 +352,9 @@ impl BulkheadLayer {
             .max_concurrent_calls(max_concurrent_calls)
             .build()
     }
+}
 
+impl<M> BulkheadLayer<M> {
     /// A handle to this bulkhead's state, for snapshots.
     pub fn handle(&self) -> BulkheadHandle {
         BulkheadHandle {
@@ -325,11 +363,11 @@ impl BulkheadLayer {
     }
 }
 
-impl<S> Layer<S> for BulkheadLayer {
-    type Service = Bulkhead<S>;
+impl<S, M: Clone> Layer<S> for BulkheadLayer<M> {
+    type Service = Bulkhead<S, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Bulkhead::new(inner, self.shared.clone())
+        Bulkhead::new(inner, self.shared.clone(), self.completion.clone())
     }
 }
 

@@ -59,6 +59,10 @@
 //! - **Release.** A permit is held until the inner response future *completes* (with a
 //!   response or an error), or the inner readiness fails, or the response future is dropped
 //!   at any point, whichever comes first: not until the caller drops a finished future.
+//!   With [`whole_body`](BulkheadBuilder::whole_body) (`http` feature), a call that returns
+//!   an `http::Response` holds its permit until the response's body reaches its end of
+//!   stream, fails, or is dropped (see [`completion`](crate::completion)): a dependency
+//!   streaming slow bodies is held to the limit too.
 //!   Dropping the response future mid-flight drops the inner future with it. A panic
 //!   unwinding through `poll` (inner service, metrics recorder, event listener, timer)
 //!   returns the permit, or leaves the queue, as it unwinds; a response future polled again
@@ -96,6 +100,8 @@
 //! more than one allocation costs a call that waits anyway. With no limit on the wait
 //! (`max_wait(Duration::MAX)`), waiting allocates nothing. A rejection allocates one box,
 //! for its error.
+//! With [`whole_body`](BulkheadBuilder::whole_body), the permit moves into the response's
+//! body: nothing more is allocated, per call or per frame.
 //!
 //! # Concurrency
 //!
@@ -159,6 +165,12 @@ mod layer;
 mod semaphore;
 mod service;
 
-pub use future::ResponseFuture;
+pub use future::{Permit, ResponseFuture};
 pub use layer::{BulkheadBuilder, BulkheadHandle, BulkheadLayer};
 pub use service::Bulkhead;
+
+/// The response body of a [`Bulkhead`] made with
+/// [`whole_body`](BulkheadBuilder::whole_body): the inner body, holding the call's permit
+/// until it ends, fails or is dropped.
+#[cfg(feature = "http")]
+pub type BulkheadBody<B> = crate::completion::CallBody<B, Permit>;

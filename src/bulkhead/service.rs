@@ -3,8 +3,9 @@ use std::task::{Context, Poll};
 
 use tower::Service;
 
-use super::ResponseFuture;
 use super::layer::{Admission, Shared};
+use super::{Permit, ResponseFuture};
+use crate::completion::{AtResponse, Completion};
 use crate::error::BoxError;
 
 /// A service whose calls are limited by a bulkhead, made by
@@ -14,23 +15,29 @@ use crate::error::BoxError;
 /// or rejects) and each call drives a clone of the inner service (see the
 /// [module docs](crate::bulkhead#admission-poll_ready-and-clone)).
 #[derive(Debug)]
-pub struct Bulkhead<S> {
+pub struct Bulkhead<S, M = AtResponse> {
     inner: S,
     shared: Arc<Shared>,
+    completion: M,
 }
 
-impl<S: Clone> Clone for Bulkhead<S> {
+impl<S: Clone, M: Clone> Clone for Bulkhead<S, M> {
     fn clone(&self) -> Self {
         Bulkhead {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            completion: self.completion.clone(),
         }
     }
 }
 
-impl<S> Bulkhead<S> {
-    pub(super) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Bulkhead { inner, shared }
+impl<S, M> Bulkhead<S, M> {
+    pub(super) fn new(inner: S, shared: Arc<Shared>, completion: M) -> Self {
+        Bulkhead {
+            inner,
+            shared,
+            completion,
+        }
     }
 
     /// The inner service.
@@ -49,14 +56,15 @@ impl<S> Bulkhead<S> {
     }
 }
 
-impl<S, Req> Service<Req> for Bulkhead<S>
+impl<S, M, Req> Service<Req> for Bulkhead<S, M>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
+    M: Completion<S::Response>,
 {
-    type Response = S::Response;
+    type Response = M::Output<Permit>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req>;
+    type Future = ResponseFuture<S, Req, M>;
 
     #[inline]
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -67,10 +75,12 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         match self.shared.admit() {
             Admission::Admitted(permit) => {
-                ResponseFuture::admitted(self.inner.clone(), req, permit)
+                ResponseFuture::admitted(self.inner.clone(), req, permit, self.completion.clone())
             }
-            Admission::Queued(ticket) => ResponseFuture::queued(self.inner.clone(), req, ticket),
-            Admission::Rejected(err) => ResponseFuture::rejected(err),
+            Admission::Queued(ticket) => {
+                ResponseFuture::queued(self.inner.clone(), req, ticket, self.completion.clone())
+            }
+            Admission::Rejected(err) => ResponseFuture::rejected(err, self.completion.clone()),
         }
     }
 }

@@ -11,6 +11,7 @@ use tower::Service;
 use super::core::{Shared, Ticket};
 use crate::classify::{Classify, Outcome};
 use crate::clock::{self, Instant};
+use crate::completion::{AtResponse, CallEnd, Completion, End, sealed};
 use crate::error::BoxError;
 
 /// The admission of one call, held by its response future until the call finishes. Dropped
@@ -77,6 +78,48 @@ impl Drop for Guard {
     }
 }
 
+/// The breaker's admission of one call whose response has arrived: its state period, its
+/// half-open probe slot if it holds one, its start (for the slow-call duration) and the
+/// outcome its response was classified with. With
+/// [`whole_body`](super::CircuitBreakerBuilder::whole_body) it is held inside the response's
+/// [`CircuitBreakerBody`](super::CircuitBreakerBody) until the body ends. Not constructible
+/// outside the crate.
+///
+/// When the call ends its outcome is recorded once, with the duration up to then: the
+/// response's outcome at the response, at the body's end of stream and at its drop; a
+/// failure at a body error. An outcome arriving after the breaker moved to another state
+/// period is dropped, as for every call (see the
+/// [module docs](crate::circuit_breaker#semantics)).
+pub struct Admission {
+    /// `None` when the call ended at the response (recorded in place by the future).
+    guard: Option<Guard>,
+    outcome: Outcome,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("breaker", &self.guard.as_ref().map(|g| &g.shared().name))
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
+}
+
+impl sealed::Sealed for Admission {}
+
+impl CallEnd for Admission {
+    #[inline]
+    fn end(self, how: End) {
+        let outcome = match how {
+            End::BodyError => Outcome::Failure,
+            End::Response | End::EndOfStream | End::Dropped => self.outcome,
+        };
+        if let Some(mut guard) = self.guard {
+            guard.finish(outcome);
+        }
+    }
+}
+
 pin_project! {
     #[project = KindProj]
     enum Kind<S, Req, F> {
@@ -100,7 +143,7 @@ pin_project! {
     /// # Panics
     ///
     /// When polled again after it returned `Ready`.
-    pub struct ResponseFuture<S, Req, C>
+    pub struct ResponseFuture<S, Req, C, M = AtResponse>
     where
         S: Service<Req>,
     {
@@ -108,10 +151,11 @@ pin_project! {
         kind: Kind<S, Req, S::Future>,
         guard: Option<Guard>,
         classifier: C,
+        completion: M,
     }
 }
 
-impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
+impl<S: Service<Req>, Req, C, M> fmt::Debug for ResponseFuture<S, Req, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("admitted", &self.guard.is_some())
@@ -119,8 +163,8 @@ impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
     }
 }
 
-impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
-    pub(super) fn admitted(svc: S, req: Req, guard: Guard, classifier: C) -> Self {
+impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
+    pub(super) fn admitted(svc: S, req: Req, guard: Guard, classifier: C, completion: M) -> Self {
         ResponseFuture {
             kind: Kind::Ready {
                 svc,
@@ -128,25 +172,28 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
             },
             guard: Some(guard),
             classifier,
+            completion,
         }
     }
 
-    pub(super) fn rejected(err: BoxError, classifier: C) -> Self {
+    pub(super) fn rejected(err: BoxError, classifier: C, completion: M) -> Self {
         ResponseFuture {
             kind: Kind::Rejected { err: Some(err) },
             guard: None,
             classifier,
+            completion,
         }
     }
 }
 
-impl<S, Req, C> Future for ResponseFuture<S, Req, C>
+impl<S, Req, C, M> Future for ResponseFuture<S, Req, C, M>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
+    M: Completion<S::Response>,
 {
-    type Output = Result<S::Response, BoxError>;
+    type Output = Result<M::Output<Admission>, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -171,10 +218,18 @@ where
                     Poll::Ready(Ok(res)) => {
                         this.kind.set(Kind::Done);
                         let outcome = this.classifier.classify(Ok(&res));
-                        if let Some(g) = this.guard.as_mut() {
-                            g.finish(outcome);
-                        }
-                        return Poll::Ready(Ok(res));
+                        let guard = if M::AFTER_RESPONSE {
+                            this.guard.take()
+                        } else {
+                            // Ends here: recorded in place, so the guard stays with this
+                            // future and nothing is moved on the hot path.
+                            if let Some(g) = this.guard.as_mut() {
+                                g.finish(outcome);
+                            }
+                            None
+                        };
+                        let admission = Admission { guard, outcome };
+                        return Poll::Ready(Ok(this.completion.complete(res, admission)));
                     }
                     Poll::Ready(Err(e)) => break e.into(),
                     Poll::Pending => return Poll::Pending,

@@ -10,6 +10,9 @@ use super::window::{CountWindow, TimeWindow, Window};
 use super::{CircuitBreaker, State};
 use crate::classify::DefaultClassifier;
 use crate::clock;
+use crate::completion::AtResponse;
+#[cfg(feature = "http")]
+use crate::completion::WholeBody;
 use crate::config::{Common, ConfigError, common_builder_methods};
 use crate::error::LayerKind;
 use crate::snapshot::Snapshot;
@@ -75,7 +78,7 @@ impl SlidingWindow {
 /// semantics and the defaults.
 #[derive(Debug)]
 #[must_use]
-pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
+pub struct CircuitBreakerBuilder<C = DefaultClassifier, M = AtResponse> {
     common: Common,
     window: SlidingWindow,
     failure_rate_threshold: f64,
@@ -87,6 +90,7 @@ pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
     backoff: Option<(f64, Duration)>,
     max_time_in_half_open: Option<Duration>,
     classifier: C,
+    completion: M,
 }
 
 /// Default wait in Open, maximum time in HalfOpen and slow-call duration: 60 s.
@@ -106,11 +110,12 @@ impl Default for CircuitBreakerBuilder {
             backoff: None,
             max_time_in_half_open: Some(DEFAULT_WAIT),
             classifier: DefaultClassifier,
+            completion: AtResponse,
         }
     }
 }
 
-impl<C> CircuitBreakerBuilder<C> {
+impl<C, M> CircuitBreakerBuilder<C, M> {
     common_builder_methods!();
 
     /// The failure model in Closed (default: count-based, 100 outcomes).
@@ -186,7 +191,27 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Replaces the classifier that decides whether a finished call is a success, a failure
     /// or ignored (default [`DefaultClassifier`]).
-    pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerBuilder<C2> {
+    pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerBuilder<C2, M> {
+        self.retype(|_| classifier, |m| m)
+    }
+
+    /// For `http::Response` services: the call ends at the end of the response body, not at
+    /// its headers (see [`WholeBody`] and [`Admission`](super::Admission)). Its outcome and
+    /// its duration (for the slow-call threshold) are measured to the body's end; an error
+    /// while reading the body is a failure; a half-open probe holds its slot until the body
+    /// ends or is dropped; a body dropped before its end records the outcome the response was
+    /// classified with, and the duration up to the drop. Requires the `http` feature.
+    #[cfg(feature = "http")]
+    pub fn whole_body(self) -> CircuitBreakerBuilder<C, WholeBody> {
+        self.retype(|c| c, |_| WholeBody)
+    }
+
+    /// The same configuration with another classifier or completion mode.
+    fn retype<C2, M2>(
+        self,
+        classifier: impl FnOnce(C) -> C2,
+        completion: impl FnOnce(M) -> M2,
+    ) -> CircuitBreakerBuilder<C2, M2> {
         CircuitBreakerBuilder {
             common: self.common,
             window: self.window,
@@ -198,7 +223,8 @@ impl<C> CircuitBreakerBuilder<C> {
             wait_in_open: self.wait_in_open,
             backoff: self.backoff,
             max_time_in_half_open: self.max_time_in_half_open,
-            classifier,
+            classifier: classifier(self.classifier),
+            completion: completion(self.completion),
         }
     }
 
@@ -214,7 +240,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// finite, or its maximum is below `wait_in_open`; `minimum_calls` or
     /// `slow_call_rate_threshold` is set with the consecutive-failures model; the name is
     /// empty.
-    pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
+    pub fn build(self) -> Result<CircuitBreakerLayer<C, M>, ConfigError> {
         let v = self.common.validator(LayerKind::CircuitBreaker)?;
         let failure_rate_threshold =
             v.ratio_open_closed("failure_rate_threshold", self.failure_rate_threshold)?;
@@ -324,6 +350,7 @@ impl<C> CircuitBreakerBuilder<C> {
         Ok(CircuitBreakerLayer {
             shared,
             classifier: self.classifier,
+            completion: self.completion,
         })
     }
 }
@@ -333,16 +360,18 @@ impl<C> CircuitBreakerBuilder<C> {
 ///
 /// Cheap to clone (one `Arc`); every clone, and every service it makes, shares one breaker.
 #[derive(Debug)]
-pub struct CircuitBreakerLayer<C = DefaultClassifier> {
+pub struct CircuitBreakerLayer<C = DefaultClassifier, M = AtResponse> {
     shared: Arc<Owner>,
     classifier: C,
+    completion: M,
 }
 
-impl<C: Clone> Clone for CircuitBreakerLayer<C> {
+impl<C: Clone, M: Clone> Clone for CircuitBreakerLayer<C, M> {
     fn clone(&self) -> Self {
         CircuitBreakerLayer {
             shared: self.shared.clone(),
             classifier: self.classifier.clone(),
+            completion: self.completion.clone(),
         }
     }
 }
@@ -354,7 +383,7 @@ impl CircuitBreakerLayer {
     }
 }
 
-impl<C> CircuitBreakerLayer<C> {
+impl<C, M> CircuitBreakerLayer<C, M> {
     /// A handle to this breaker: state, snapshots, manual control.
     pub fn handle(&self) -> CircuitBreakerHandle {
         CircuitBreakerHandle {
@@ -363,11 +392,16 @@ impl<C> CircuitBreakerLayer<C> {
     }
 }
 
-impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
-    type Service = CircuitBreaker<S, C>;
+impl<S, C: Clone, M: Clone> Layer<S> for CircuitBreakerLayer<C, M> {
+    type Service = CircuitBreaker<S, C, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::new(inner, self.shared.clone(), self.classifier.clone())
+        CircuitBreaker::new(
+            inner,
+            self.shared.clone(),
+            self.classifier.clone(),
+            self.completion.clone(),
+        )
     }
 }
 

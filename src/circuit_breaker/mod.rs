@@ -92,6 +92,11 @@
 //!   failure, except that with slow-call detection on, a call cancelled after running
 //!   longer than `slow_call_duration` is recorded as a slow call that is not a failure:
 //!   a dependency that hangs behind an outer timeout still trips the breaker.
+//! - **HTTP bodies.** By default a call ends when the inner service returns its response.
+//!   With [`whole_body`](CircuitBreakerBuilder::whole_body) (`http` feature) it ends at the
+//!   end of the response body: outcome and duration (slow calls) are measured to there, a
+//!   body error is a failure, a probe holds its slot until then, and a body dropped early
+//!   records the response's outcome (see [`completion`](crate::completion)).
 //! - **Classification** by the layer's [`Classify`](crate::classify::Classify)
 //!   ([`DefaultClassifier`](crate::classify::DefaultClassifier): errors are failures, except
 //!   rejections by our layers further inside, which are ignored).
@@ -198,9 +203,15 @@ mod state;
 mod sync;
 mod window;
 
-pub use future::ResponseFuture;
+pub use future::{Admission, ResponseFuture};
 pub use layer::{
     CircuitBreakerBuilder, CircuitBreakerHandle, CircuitBreakerLayer, DEFAULT_WAIT, SlidingWindow,
 };
 pub use service::CircuitBreaker;
 pub use state::State;
+
+/// The response body of a [`CircuitBreaker`] made with
+/// [`whole_body`](CircuitBreakerBuilder::whole_body): the inner body, recording the call's
+/// outcome and duration when it ends, fails or is dropped.
+#[cfg(feature = "http")]
+pub type CircuitBreakerBody<B> = crate::completion::CallBody<B, Admission>;

@@ -5,9 +5,10 @@ use tower::Service;
 
 use super::ResponseFuture;
 use super::core::Shared;
-use super::future::Guard;
+use super::future::{Admission, Guard};
 use super::spare::Owner;
 use crate::classify::Classify;
+use crate::completion::{AtResponse, Completion};
 use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
 
 /// A service behind a circuit breaker, made by
@@ -17,28 +18,31 @@ use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
 /// admitted call drives a clone of the inner service (see the
 /// [module docs](crate::circuit_breaker#admission-and-clone)).
 #[derive(Debug)]
-pub struct CircuitBreaker<S, C> {
+pub struct CircuitBreaker<S, C, M = AtResponse> {
     inner: S,
     shared: Arc<Owner>,
     classifier: C,
+    completion: M,
 }
 
-impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
+impl<S: Clone, C: Clone, M: Clone> Clone for CircuitBreaker<S, C, M> {
     fn clone(&self) -> Self {
         CircuitBreaker {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
             classifier: self.classifier.clone(),
+            completion: self.completion.clone(),
         }
     }
 }
 
-impl<S, C> CircuitBreaker<S, C> {
-    pub(super) fn new(inner: S, shared: Arc<Owner>, classifier: C) -> Self {
+impl<S, C, M> CircuitBreaker<S, C, M> {
+    pub(super) fn new(inner: S, shared: Arc<Owner>, classifier: C, completion: M) -> Self {
         CircuitBreaker {
             inner,
             shared,
             classifier,
+            completion,
         }
     }
 
@@ -58,15 +62,16 @@ impl<S, C> CircuitBreaker<S, C> {
     }
 }
 
-impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
+impl<S, C, M, Req> Service<Req> for CircuitBreaker<S, C, M>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
+    M: Completion<S::Response>,
 {
-    type Response = S::Response;
+    type Response = M::Output<Admission>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req, C>;
+    type Future = ResponseFuture<S, Req, C, M>;
 
     #[inline]
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -81,10 +86,13 @@ where
                 req,
                 Guard::new(&self.shared, ticket),
                 self.classifier.clone(),
+                self.completion.clone(),
             ),
-            Err(retry_after) => {
-                ResponseFuture::rejected(reject(&self.shared, retry_after), self.classifier.clone())
-            }
+            Err(retry_after) => ResponseFuture::rejected(
+                reject(&self.shared, retry_after),
+                self.classifier.clone(),
+                self.completion.clone(),
+            ),
         }
     }
 }

@@ -1,68 +1,95 @@
-//! Where a call ends for the timeout: at the response, or at the end of an HTTP body.
+//! What the timeout holds for a call until the call ends: its [`Deadline`].
 
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use super::layer::Shared;
+use tokio::task::coop::{Unconstrained, unconstrained};
+use tokio::time::Sleep;
+
+use super::layer::{FAILED, Shared};
 use crate::clock::{self, Instant};
+use crate::completion::{CallEnd, End, sealed};
+use crate::error::BoxError;
 
-/// Where a [`Timeout`](super::Timeout)'s deadline stops: [`AtResponse`] (the default) or, for
-/// `http::Response` services with the `http` feature, [`WholeBody`](super::WholeBody).
+/// The timeout's hold on one call whose response has arrived: the outcome it was classified
+/// with and, when the call ends after the response ([`WholeBody`](crate::completion::WholeBody)),
+/// its deadline. Held inside [`TimeoutBody`](super::TimeoutBody); not constructible outside
+/// the crate.
 ///
-/// Sealed: implemented only by this crate's completion modes.
-pub trait Completion<Res>: sealed::Sealed + Clone {
-    /// The response the caller gets.
-    type Output;
-
-    /// `true` when the start instant is needed whatever the duration setting.
-    #[doc(hidden)]
-    fn needs_start(&self) -> bool;
-
-    /// Turns the inner response into the caller's, recording the call when it ends.
-    #[doc(hidden)]
-    fn complete(&self, res: Res, finish: Finish<'_>) -> Self::Output;
+/// When the call ends it is recorded once: with the response's outcome at the response
+/// ([`AtResponse`](crate::completion::AtResponse)), at the body's end of stream or at its
+/// drop; as a `failure` at a body error; as a `timeout` when the deadline passes first (the
+/// body then fails with a [`BreakwaterError`](crate::BreakwaterError) of kind
+/// [`Timeout`](crate::error::ErrorKind::Timeout)). The deadline's timer (one boxed
+/// `tokio::time::Sleep`) is allocated the first time the body returns `Pending`.
+pub struct Deadline {
+    shared: Arc<Shared>,
+    outcome: usize,
+    started: Option<Instant>,
+    timeout: Duration,
+    // Polled without tokio's cooperative budget, as the response future's timer.
+    sleep: Option<Pin<Box<Unconstrained<Sleep>>>>,
 }
 
-pub(super) mod sealed {
-    pub trait Sealed {}
+impl fmt::Debug for Deadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deadline")
+            .field("name", &self.shared.name)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
-/// What a completion needs to record the call. Not constructible outside the crate.
-#[derive(Debug)]
-pub struct Finish<'a> {
-    pub(super) shared: &'a Arc<Shared>,
-    pub(super) outcome: usize,
-    pub(super) started: Option<Instant>,
-    #[cfg_attr(not(feature = "http"), allow(dead_code))] // read by `WholeBody`
-    pub(super) timeout: Duration,
-}
+impl Deadline {
+    #[inline]
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        outcome: usize,
+        started: Option<Instant>,
+        timeout: Duration,
+    ) -> Self {
+        Deadline {
+            shared,
+            outcome,
+            started,
+            timeout,
+            sleep: None,
+        }
+    }
 
-impl Finish<'_> {
-    /// Elapsed time since the start, when it was measured.
-    pub(super) fn elapsed(&self) -> Option<Duration> {
+    /// Time since the start, when durations are recorded.
+    #[inline]
+    fn elapsed(&self) -> Option<Duration> {
         self.started
+            .filter(|_| self.shared.records_durations())
             .map(|s| clock::now().saturating_duration_since(s))
     }
 }
 
-/// The default completion: the call ends when the inner service returns its response; the
-/// deadline does not apply to anything the caller does with the response afterwards.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AtResponse;
+impl sealed::Sealed for Deadline {}
 
-impl sealed::Sealed for AtResponse {}
-
-impl<Res> Completion<Res> for AtResponse {
-    type Output = Res;
-
+impl CallEnd for Deadline {
     #[inline]
-    fn needs_start(&self) -> bool {
-        false
+    fn end(self, how: End) {
+        let outcome = match how {
+            End::BodyError => FAILED,
+            End::Response | End::EndOfStream | End::Dropped => self.outcome,
+        };
+        self.shared.record(outcome, self.elapsed());
     }
 
-    #[inline]
-    fn complete(&self, res: Res, finish: Finish<'_>) -> Res {
-        finish.shared.record(finish.outcome, finish.elapsed());
-        res
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<BoxError> {
+        let Some(deadline) = self.started.and_then(|s| s.checked_add(self.timeout)) else {
+            return Poll::Pending;
+        };
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(unconstrained(tokio::time::sleep_until(deadline))));
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(self.shared.timed_out(self.timeout, self.elapsed()))
     }
 }

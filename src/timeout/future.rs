@@ -10,10 +10,11 @@ use tokio::task::coop::{Unconstrained, unconstrained};
 use tokio::time::Sleep;
 use tower::Service;
 
-use super::completion::{Completion, Finish};
+use super::completion::Deadline;
 use super::layer::{Shared, outcome_index};
 use crate::classify::Classify;
 use crate::clock::{self, Instant};
+use crate::completion::Completion;
 use crate::error::BoxError;
 
 pin_project! {
@@ -63,7 +64,8 @@ pin_project! {
         timeout: Duration,
         // First poll, when durations are recorded.
         started: Option<Instant>,
-        shared: Arc<Shared>,
+        // Moved into the response's `Deadline` when the inner call returns a response.
+        shared: Option<Arc<Shared>>,
         classifier: C,
         completion: M,
     }
@@ -72,7 +74,7 @@ pin_project! {
 impl<S: Service<Req>, Req, C, M> fmt::Debug for ResponseFuture<S, Req, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("name", &self.shared.name)
+            .field("name", &self.shared.as_ref().map(|s| &s.name))
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -95,7 +97,7 @@ impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
             timer: Timer::Unarmed,
             timeout,
             started: None,
-            shared,
+            shared: Some(shared),
             classifier,
             completion,
         }
@@ -109,13 +111,14 @@ where
     C: Classify<S::Response>,
     M: Completion<S::Response>,
 {
-    type Output = Result<M::Output, BoxError>;
+    type Output = Result<M::Output<Deadline>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if this.started.is_none()
-            && (this.shared.records_durations() || this.completion.needs_start())
-        {
+        let Some(shared) = this.shared.as_ref() else {
+            panic!("Timeout ResponseFuture polled after completion")
+        };
+        if this.started.is_none() && (M::AFTER_RESPONSE || shared.records_durations()) {
             *this.started = Some(clock::now());
         }
 
@@ -141,21 +144,18 @@ where
         if let Some(result) = result {
             this.state.set(State::Done);
             let outcome = outcome_index(this.classifier.classify(result.as_ref()));
+            let shared = this.shared.take().expect("present until completion");
             return Poll::Ready(match result {
-                Ok(res) => Ok(this.completion.complete(
-                    res,
-                    Finish {
-                        shared: this.shared,
-                        outcome,
-                        started: *this.started,
-                        timeout: *this.timeout,
-                    },
-                )),
+                Ok(res) => {
+                    let deadline = Deadline::new(shared, outcome, *this.started, *this.timeout);
+                    Ok(this.completion.complete(res, deadline))
+                }
                 Err(e) => {
                     let elapsed = this
                         .started
+                        .filter(|_| shared.records_durations())
                         .map(|s| clock::now().saturating_duration_since(s));
-                    this.shared.record(outcome, elapsed);
+                    shared.record(outcome, elapsed);
                     Err(e)
                 }
             });
@@ -175,10 +175,12 @@ where
             ready!(sleep.poll(cx));
             // Deadline passed: cancel the inner call now.
             this.state.set(State::Done);
+            let shared = this.shared.take().expect("present until completion");
             let elapsed = this
                 .started
+                .filter(|_| shared.records_durations())
                 .map(|s| clock::now().saturating_duration_since(s));
-            return Poll::Ready(Err(this.shared.timed_out(*this.timeout, elapsed)));
+            return Poll::Ready(Err(shared.timed_out(*this.timeout, elapsed)));
         }
         Poll::Pending
     }

@@ -7,8 +7,10 @@ use ::metrics::{Counter, Histogram};
 use tower::Layer;
 
 use super::Timeout;
-use super::completion::AtResponse;
 use crate::classify::{DefaultClassifier, Outcome};
+use crate::completion::AtResponse;
+#[cfg(feature = "http")]
+use crate::completion::WholeBody;
 use crate::config::{Common, ConfigError, common_builder_methods};
 use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
 use crate::event::{EventKind, Events};
@@ -64,7 +66,6 @@ pub(super) struct TimeoutMetrics {
 }
 
 const OUTCOMES: [&str; 4] = ["success", "failure", "ignored", "timeout"];
-#[cfg_attr(not(feature = "http"), allow(dead_code))] // read by `WholeBody`
 pub(super) const FAILED: usize = 1;
 pub(super) const TIMED_OUT: usize = 3;
 
@@ -168,16 +169,20 @@ impl<P, C, M> TimeoutBuilder<P, C, M> {
         }
     }
 
-    /// For `http::Response` services: the deadline covers the whole response body, not just
-    /// the headers (see [`WholeBody`](super::WholeBody)). Requires the `http` feature.
+    /// For `http::Response` services: the call ends at the end of the response body, not at
+    /// its headers, so the deadline covers the whole body: a body still unfinished when it
+    /// passes is cut off with a timeout error (see [`WholeBody`] and [`Deadline`]).
+    /// Requires the `http` feature.
+    ///
+    /// [`Deadline`]: super::Deadline
     #[cfg(feature = "http")]
-    pub fn whole_body(self) -> TimeoutBuilder<P, C, super::WholeBody> {
+    pub fn whole_body(self) -> TimeoutBuilder<P, C, WholeBody> {
         TimeoutBuilder {
             common: self.common,
             timeout: self.timeout,
             policy: self.policy,
             classifier: self.classifier,
-            completion: super::WholeBody,
+            completion: WholeBody,
         }
     }
 

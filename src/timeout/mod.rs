@@ -54,10 +54,13 @@
 //! - **Not counted.** A call whose response future is dropped before it ends (cancelled by the
 //!   caller) is counted under no outcome; neither is one whose inner future panics (the panic
 //!   propagates to the caller).
-//! - **HTTP bodies.** By default ([`AtResponse`]) the call ends when the inner service returns
-//!   its response; for `http::Response` services a slow or stalled *body* would escape the
-//!   deadline. With the `http` feature, [`whole_body`](TimeoutBuilder::whole_body) makes the
-//!   deadline cover the body too ([`WholeBody`], [`TimeoutBody`]).
+//! - **HTTP bodies.** By default ([`AtResponse`](crate::completion::AtResponse)) the call ends
+//!   when the inner service returns its response; for `http::Response` services a slow or
+//!   stalled *body* would escape the deadline. With the `http` feature,
+//!   [`whole_body`](TimeoutBuilder::whole_body) makes the deadline cover the body too: the
+//!   body is cut off with a timeout error when it passes, and the call is recorded at the
+//!   body's end ([`Deadline`], [`TimeoutBody`]). The bulkhead and the circuit breaker make
+//!   the same choice the same way (see [`completion`](crate::completion)).
 //!
 //! # Admission and `Clone`
 //!
@@ -90,18 +93,19 @@
 //! those, count into the same handle and metric handles. A framework that calls `layer()`
 //! per route still gets one instance.
 
-#[cfg(feature = "http")]
-mod body;
 mod completion;
 mod future;
 mod layer;
 mod service;
 
-#[cfg(feature = "http")]
-pub use body::{TimeoutBody, WholeBody};
-pub use completion::{AtResponse, Completion};
+pub use completion::Deadline;
 pub use future::ResponseFuture;
 pub use layer::{
     FixedTimeout, PerRequest, TimeoutBuilder, TimeoutHandle, TimeoutLayer, TimeoutPolicy,
 };
 pub use service::Timeout;
+
+/// The response body of a [`Timeout`] made with
+/// [`whole_body`](TimeoutBuilder::whole_body): the inner body under the call's deadline.
+#[cfg(feature = "http")]
+pub type TimeoutBody<B> = crate::completion::CallBody<B, Deadline>;

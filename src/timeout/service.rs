@@ -4,9 +4,10 @@ use std::task::{Context, Poll};
 use tower::Service;
 
 use super::ResponseFuture;
-use super::completion::Completion;
+use super::completion::Deadline;
 use super::layer::{Shared, TimeoutPolicy};
 use crate::classify::Classify;
+use crate::completion::Completion;
 use crate::error::BoxError;
 
 /// A service with a per-call deadline, made by [`TimeoutLayer`](super::TimeoutLayer).
@@ -75,7 +76,7 @@ where
     C: Classify<S::Response>,
     M: Completion<S::Response>,
 {
-    type Response = M::Output;
+    type Response = M::Output<Deadline>;
     type Error = BoxError;
     type Future = ResponseFuture<S, Req, C, M>;
 
