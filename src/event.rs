@@ -5,8 +5,8 @@
 //! A layer with no listener builds no event and reads no clock for one: the whole cost is a
 //! check that a slice is empty. With the `tracing` cargo feature, every event is also emitted
 //! as a `tracing` event (target `tower_breakwater`, fields `layer`, `name`, `event`):
-//! transitions at `WARN` when they open a breaker and `INFO` otherwise, per-call events
-//! (rejections, timeouts, stale serves) at `DEBUG`.
+//! transitions at `WARN` when they open a breaker and `INFO` otherwise (`HeldOpen` at `WARN`),
+//! per-call events (rejections, timeouts, stale serves) at `DEBUG`.
 //!
 //! Listeners must be cheap and must not panic: a panicking listener unwinds into the caller
 //! that triggered the event.
@@ -51,6 +51,14 @@ pub enum EventKind {
         /// The state entered.
         to: &'static str,
     },
+    /// A circuit breaker that has just opened stays Open for `hold`, longer than its own
+    /// wait, because the response whose outcome opened it asked for that delay (an HTTP
+    /// `Retry-After`, capped by the breaker's configured maximum). Emitted right after the
+    /// `StateTransition` to `"open"`, only with the breaker's Retry-After hold on.
+    HeldOpen {
+        /// Time from this event until the breaker becomes half-open.
+        hold: Duration,
+    },
     /// The layer refused a call without running it.
     Rejected {
         /// Why.
@@ -83,7 +91,10 @@ impl EventKind {
     /// `true` for events that concern one call (logged at `DEBUG` with `tracing`), `false` for
     /// state changes of the layer itself.
     pub fn is_per_call(&self) -> bool {
-        !matches!(self, EventKind::StateTransition { .. })
+        !matches!(
+            self,
+            EventKind::StateTransition { .. } | EventKind::HeldOpen { .. }
+        )
     }
 }
 
@@ -190,6 +201,9 @@ fn trace_event(layer: LayerKind, name: &str, kind: &EventKind) {
     match kind {
         EventKind::StateTransition { to, .. } if *to == "open" || *to == "forced_open" => {
             tracing::warn!(target: "tower_breakwater", layer, name, event = ?kind, "state transition")
+        }
+        EventKind::HeldOpen { .. } => {
+            tracing::warn!(target: "tower_breakwater", layer, name, event = ?kind, "held open")
         }
         EventKind::StateTransition { .. } => {
             tracing::info!(target: "tower_breakwater", layer, name, event = ?kind, "state transition")

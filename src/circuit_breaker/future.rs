@@ -55,11 +55,13 @@ impl Guard {
             .map(|s| clock::now().saturating_duration_since(s))
     }
 
+    /// `retry_after`: the delay the result asks for, read only when the breaker needs it.
     #[inline]
-    fn finish(&mut self, outcome: Outcome) {
+    fn finish(&mut self, outcome: Outcome, retry_after: impl FnOnce() -> Option<Duration>) {
         self.armed = false;
         let elapsed = self.elapsed();
-        self.shared().complete(self.ticket, outcome, elapsed);
+        self.shared()
+            .complete_with(self.ticket, outcome, elapsed, retry_after);
     }
 }
 
@@ -172,7 +174,7 @@ where
                         this.kind.set(Kind::Done);
                         let outcome = this.classifier.classify(Ok(&res));
                         if let Some(g) = this.guard.as_mut() {
-                            g.finish(outcome);
+                            g.finish(outcome, || this.classifier.retry_after(Ok(&res)));
                         }
                         return Poll::Ready(Ok(res));
                     }
@@ -190,7 +192,7 @@ where
         this.kind.set(Kind::Done);
         let outcome = this.classifier.classify(Err(&result));
         if let Some(g) = this.guard.as_mut() {
-            g.finish(outcome);
+            g.finish(outcome, || this.classifier.retry_after(Err(&result)));
         }
         Poll::Ready(Err(result))
     }
