@@ -291,7 +291,7 @@ impl Shared {
     }
 
     /// [`complete_with`](Self::complete_with) for a call whose result asks for no delay.
-    #[cfg(loom)]
+    #[cfg(all(test, loom))]
     pub(super) fn complete(&self, t: Ticket, outcome: Outcome, elapsed: Option<Duration>) {
         self.complete_with(t, outcome, elapsed, || None);
     }
