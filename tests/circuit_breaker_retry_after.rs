@@ -300,6 +300,28 @@ async fn a_failed_probe_with_retry_after_reopens_it_for_the_delay() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_probe_answering_past_the_maximum_time_in_half_open_holds_the_reopening() {
+    let r = rig_with(
+        SlidingWindow::consecutive_failures(1),
+        Some(secs(120)),
+        |b| b.max_time_in_half_open(Some(secs(10))),
+    );
+    r.call(reply(500, &[])).await.unwrap();
+    r.at_ms(5_000).await;
+    let mut slow = reply(503, &["30"]);
+    slow.after = secs(20);
+    let probe = tokio::spawn(r.svc.clone().oneshot(slow));
+    tokio::task::yield_now().await; // the probe is admitted at 5 s
+    assert_eq!(r.handle.state(), State::HalfOpen);
+    r.at_ms(25_000).await;
+    assert_eq!(probe.await.unwrap().unwrap().status(), 503);
+    assert_eq!(r.handle.state(), State::Open, "reopened by the late probe");
+    assert_eq!(r.rejected_for().await, Some(secs(30)), "not the 5 s wait");
+    assert_eq!(r.holds(), [secs(30)]);
+    probed_exactly_at(&r, 55_000).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_hold_is_capped_at_its_maximum() {
     let r = rig(SlidingWindow::consecutive_failures(1), Some(secs(60)));
     r.call(reply(503, &["31536000"])).await.unwrap(); // a year

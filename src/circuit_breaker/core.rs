@@ -298,8 +298,8 @@ impl Shared {
 
     /// Records the outcome of a finished call. `elapsed` is `Some` when the call was timed.
     /// `retry_after` gives the delay the result asks for (an HTTP `Retry-After`); it is
-    /// called only with the Retry-After hold on, for a failure about to be recorded in the
-    /// generation it was admitted in, and never under the lock.
+    /// called only with the Retry-After hold on, for a failure the breaker may still record
+    /// (a non-probe call's generation is checked first), and never under the lock.
     ///
     /// A fast success in a Closed breaker whose window is clean, in the generation it was
     /// admitted in, touches nothing shared (one atomic load); an ignored or stale outcome of
