@@ -70,6 +70,21 @@ impl Outcome {
 pub trait Classify<Res>: Clone + Send + Sync + 'static {
     /// Classifies a result. The error has already been converted into a [`BoxError`].
     fn classify(&self, result: Result<&Res, &BoxError>) -> Outcome;
+
+    /// The delay the dependency asked for before it is called again, measured from now
+    /// (for HTTP, the `Retry-After` of a `429` or `503` response, RFC 9110 section 10.2.3);
+    /// `None` (the default) when the result asks for none.
+    ///
+    /// Read only by a circuit breaker with
+    /// [`retry_after_hold`](crate::circuit_breaker::CircuitBreakerBuilder::retry_after_hold)
+    /// on, and only for a result this classifier called [`Outcome::Failure`] that the
+    /// breaker may still record (never for a success, never under a lock). An
+    /// implementation should read a clock only when it needs one (an HTTP-date).
+    #[inline]
+    fn retry_after(&self, result: Result<&Res, &BoxError>) -> Option<std::time::Duration> {
+        let _ = result;
+        None
+    }
 }
 
 /// The default classifier: `Ok` is [`Outcome::Success`]; an error is [`Outcome::Failure`],

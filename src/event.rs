@@ -5,10 +5,11 @@
 //! A layer with no listener builds no event and reads no clock for one: the whole cost is a
 //! check that a slice is empty. With the `tracing` cargo feature, every event is also emitted
 //! as a `tracing` event (target `tower_breakwater`, fields `layer`, `name`, `event`):
-//! transitions at `WARN` when they open a breaker and `INFO` otherwise; a panicked shared call
-//! at `WARN` (a bug in the upstream code that every caller of the call pays for); other
-//! per-call events (rejections, timeouts, early refreshes, stale serves, refresh failures,
-//! coalesced calls) at `DEBUG`, and rate-limiter waits, the most frequent, at `TRACE`.
+//! transitions at `WARN` when they open a breaker and `INFO` otherwise (`HeldOpen`, a breaker
+//! held open by a `Retry-After`, at `WARN`); a panicked shared call at `WARN` (a bug in the
+//! upstream code that every caller of the call pays for); other per-call events (rejections,
+//! timeouts, early refreshes, stale serves, refresh failures, coalesced calls) at `DEBUG`, and
+//! rate-limiter waits, the most frequent, at `TRACE`.
 //!
 //! Listeners must be cheap and must not panic: a panicking listener unwinds into the caller
 //! that triggered the event.
@@ -53,6 +54,14 @@ pub enum EventKind {
         /// The state entered.
         to: &'static str,
     },
+    /// A circuit breaker that has just opened stays Open for `hold`, longer than its own
+    /// wait, because the response whose outcome opened it asked for that delay (an HTTP
+    /// `Retry-After`, capped by the breaker's configured maximum). Emitted right after the
+    /// `StateTransition` to `"open"`, only with the breaker's Retry-After hold on.
+    HeldOpen {
+        /// Time from this event until the breaker becomes half-open.
+        hold: Duration,
+    },
     /// The layer refused a call without running it.
     Rejected {
         /// Why.
@@ -91,7 +100,10 @@ impl EventKind {
     /// [`Waited`](EventKind::Waited), `WARN` for [`Panicked`](EventKind::Panicked)), `false`
     /// for state changes of the layer itself.
     pub fn is_per_call(&self) -> bool {
-        !matches!(self, EventKind::StateTransition { .. })
+        !matches!(
+            self,
+            EventKind::StateTransition { .. } | EventKind::HeldOpen { .. }
+        )
     }
 }
 
@@ -198,6 +210,9 @@ fn trace_event(layer: LayerKind, name: &str, kind: &EventKind) {
     match kind {
         EventKind::StateTransition { to, .. } if *to == "open" || *to == "forced_open" => {
             tracing::warn!(target: "tower_breakwater", layer, name, event = ?kind, "state transition")
+        }
+        EventKind::HeldOpen { .. } => {
+            tracing::warn!(target: "tower_breakwater", layer, name, event = ?kind, "held open")
         }
         EventKind::StateTransition { .. } => {
             tracing::info!(target: "tower_breakwater", layer, name, event = ?kind, "state transition")

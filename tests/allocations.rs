@@ -652,3 +652,29 @@ mod whole_body {
         );
     }
 }
+
+#[cfg(all(feature = "circuit-breaker", feature = "http"))]
+mod circuit_breaker_retry_after {
+    use super::*;
+    use tower_breakwater::circuit_breaker::CircuitBreakerLayer;
+    use tower_breakwater::http::HttpClassifier;
+
+    /// The Retry-After hold costs nothing on the success path: no header is read.
+    #[test]
+    fn closed_happy_path_with_the_hold_on_allocates_nothing() {
+        let rt = runtime();
+        let layer = CircuitBreakerLayer::builder()
+            .retry_after_hold(Duration::from_secs(600))
+            .classifier(HttpClassifier::new())
+            .build()
+            .unwrap();
+        let inner = tower::service_fn(|status: u16| {
+            let mut res = http::Response::new(());
+            *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            std::future::ready(Ok::<_, std::convert::Infallible>(res))
+        });
+        let svc = tower::Layer::layer(&layer, inner);
+        assert_eq!(allocs_per_call(&rt, svc.clone(), 200), 0);
+        assert_eq!(allocs_per_call(&rt, svc, 404), 0, "a 4xx is a success");
+    }
+}

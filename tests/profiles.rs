@@ -578,7 +578,7 @@ mod coalesce {
             let layer = rec.install_while(|| {
                 CoalesceLayer::builder()
                     .name(name)
-                    .key(|x: &u32| *x)
+                    .key(|x: &u32| Some(*x))
                     .followers_histogram(true)
                     .metrics_profile(profile)
                     .build()
@@ -662,7 +662,7 @@ mod coalesce {
         let layer = rec.install_while(|| {
             CoalesceLayer::builder()
                 .name("quiet")
-                .key(|x: &u32| *x)
+                .key(|x: &u32| Some(*x))
                 .metrics_profile(MetricsProfile::Resilience4j)
                 .build()
                 .unwrap()
@@ -773,6 +773,7 @@ mod cache {
                     "breakwater_cache_entries{} = 1",
                     "breakwater_cache_lookups_total{result=hit} = 1",
                     "breakwater_cache_lookups_total{result=miss} = 1",
+                    "breakwater_cache_lookups_total{result=negative} = 0",
                     "breakwater_cache_lookups_total{result=stale} = 0",
                     "breakwater_cache_recompute_duration_seconds{} = [2.0]",
                     "breakwater_cache_refresh_errors_total{} = 0",
@@ -796,6 +797,7 @@ mod cache {
                     "breakwater_cache_entries{} = 1",
                     "breakwater_cache_lookups_total{result=hit} = 2",
                     "breakwater_cache_lookups_total{result=miss} = 1",
+                    "breakwater_cache_lookups_total{result=negative} = 0",
                     "breakwater_cache_lookups_total{result=stale} = 0",
                     "breakwater_cache_recompute_duration_seconds{} = [2.0, 2.0]",
                     "breakwater_cache_refresh_errors_total{} = 0",
@@ -821,6 +823,7 @@ mod cache {
                     "breakwater_cache_entries{} = 1",
                     "breakwater_cache_lookups_total{result=hit} = 2",
                     "breakwater_cache_lookups_total{result=miss} = 2",
+                    "breakwater_cache_lookups_total{result=negative} = 0",
                     "breakwater_cache_lookups_total{result=stale} = 2",
                     "breakwater_cache_recompute_duration_seconds{} = [2.0, 2.0]",
                     "breakwater_cache_refresh_errors_total{} = 2",
@@ -993,7 +996,7 @@ async fn the_off_profile_registers_nothing() {
             .build()
             .unwrap();
         let c = CoalesceLayer::builder()
-            .key(|x: &u32| *x)
+            .key(|x: &u32| Some(*x))
             .followers_histogram(true)
             .metrics_profile(off)
             .build()

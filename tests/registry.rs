@@ -98,7 +98,7 @@ fn every_layer_kind_joins_the_registry() {
         .unwrap();
     let _c = CoalesceLayer::builder()
         .name("c")
-        .key(|x: &u32| *x)
+        .key(|x: &u32| Some(*x))
         .registry(&registry)
         .build()
         .unwrap();
@@ -303,7 +303,7 @@ async fn a_coalescing_snapshot_is_exact_and_serializes() {
     let registry = Registry::new();
     let layer = CoalesceLayer::builder()
         .name("profiles")
-        .key(|x: &u32| *x)
+        .key(|x: &u32| Some(*x))
         .registry(&registry)
         .build()
         .unwrap();
@@ -364,6 +364,6 @@ async fn a_cache_snapshot_is_exact_and_serializes() {
     assert!(svc.clone().oneshot(0).await.is_err());
     assert_eq!(
         json(&registry),
-        r#"{"name":"quotes","layer":"cache","state":null,"counters":{"early_refreshes":0,"hits":1,"misses":2,"refresh_errors":1,"stale":0},"gauges":{"entries":1.0}}"#
+        r#"{"name":"quotes","layer":"cache","state":null,"counters":{"early_refreshes":0,"hits":1,"misses":2,"negative":0,"refresh_errors":1,"stale":0},"gauges":{"entries":1.0}}"#
     );
 }

@@ -200,7 +200,7 @@ fn coalescing_shared_and_panicked_calls() {
     let got = capture(|| async {
         let layer = CoalesceLayer::builder()
             .name("profiles")
-            .key(|x: &u32| *x)
+            .key(|x: &u32| Some(*x))
             .build()
             .unwrap();
         let svc = layer.layer(service_fn(|x: u32| async move {

@@ -38,6 +38,9 @@ pub(super) struct Config {
     /// `(multiplier, maximum)` of an exponentially growing wait.
     pub(super) backoff: Option<(f64, Duration)>,
     pub(super) max_time_in_half_open: Option<Duration>,
+    /// `Some(max)` turns the Retry-After hold on: an Open period opened by a response asking
+    /// for a delay lasts at least that delay, at most `max`.
+    pub(super) retry_after_hold: Option<Duration>,
 }
 
 /// A lazily read clock: reads tokio's clock at most once, and only if asked.
@@ -100,12 +103,16 @@ pub(super) struct Core {
     /// End of the wait in Open; `None` when effectively infinite (too far to represent in
     /// the lock-free word, about 584 years from the layer's build).
     open_until: Option<Instant>,
+    /// The current Open period's end was set by a Retry-After hold (longer than its wait).
+    held: bool,
 }
 
 /// Transitions made under the lock, emitted as events once it is released.
 #[derive(Debug, Default)]
 pub(super) struct Transitions {
     list: [Option<(State, State)>; 3],
+    /// A Retry-After hold applied to the Open period just entered: its length.
+    held: Option<Duration>,
 }
 
 impl Transitions {
@@ -176,6 +183,7 @@ impl Shared {
                 tripped: Totals::default(),
                 trips: 0,
                 open_until: None,
+                held: false,
             }),
             cfg,
             name,
@@ -282,13 +290,28 @@ impl Shared {
             && elapsed.is_some_and(|e| e > self.cfg.slow_call_duration)
     }
 
+    /// [`complete_with`](Self::complete_with) for a call whose result asks for no delay.
+    #[cfg(all(test, loom))]
+    pub(super) fn complete(&self, t: Ticket, outcome: Outcome, elapsed: Option<Duration>) {
+        self.complete_with(t, outcome, elapsed, || None);
+    }
+
     /// Records the outcome of a finished call. `elapsed` is `Some` when the call was timed.
+    /// `retry_after` gives the delay the result asks for (an HTTP `Retry-After`); it is
+    /// called only with the Retry-After hold on, for a failure the breaker may still record
+    /// (a non-probe call's generation is checked first), and never under the lock.
     ///
     /// A fast success in a Closed breaker whose window is clean, in the generation it was
     /// admitted in, touches nothing shared (one atomic load); an ignored or stale outcome of
     /// a non-probe call neither.
     #[inline]
-    pub(super) fn complete(&self, t: Ticket, outcome: Outcome, elapsed: Option<Duration>) {
+    pub(super) fn complete_with(
+        &self,
+        t: Ticket,
+        outcome: Outcome,
+        elapsed: Option<Duration>,
+        retry_after: impl FnOnce() -> Option<Duration>,
+    ) {
         let idx = outcome_index(outcome);
         self.metrics.calls[idx].increment(1);
         if let (Some(h), Some(d)) = (&self.metrics.durations, elapsed) {
@@ -311,7 +334,12 @@ impl Shared {
                 return;
             }
         }
-        self.record(t, outcome, slow, &mut Now::lazy());
+        let hold = if outcome == Outcome::Failure && self.cfg.retry_after_hold.is_some() {
+            retry_after()
+        } else {
+            None
+        };
+        self.record(t, outcome, slow, hold, &mut Now::lazy());
     }
 
     /// A call whose future was dropped before it finished: it frees its probe slot, and with
@@ -332,25 +360,35 @@ impl Shared {
         } else {
             Outcome::Ignored
         };
-        self.record(t, outcome, slow, &mut Now::lazy());
+        self.record(t, outcome, slow, None, &mut Now::lazy());
     }
 
+    /// Records an outcome under the lock. `hold` is the delay the call's result asked for.
     #[cold]
-    pub(super) fn record(&self, t: Ticket, outcome: Outcome, slow: bool, now: &mut Now) {
+    pub(super) fn record(
+        &self,
+        t: Ticket,
+        outcome: Outcome,
+        slow: bool,
+        hold: Option<Duration>,
+        now: &mut Now,
+    ) {
         let mut out = Transitions::default();
         {
             let mut core = self.core.lock();
-            self.record_locked(&mut core, t, outcome, slow, now, &mut out);
+            self.record_locked(&mut core, t, outcome, slow, hold, now, &mut out);
         }
         self.emit(out);
     }
 
+    #[allow(clippy::too_many_arguments)] // the outcome's parts, as `record` passes them
     fn record_locked(
         &self,
         core: &mut Core,
         t: Ticket,
         outcome: Outcome,
         slow: bool,
+        hold: Option<Duration>,
         now: &mut Now,
         out: &mut Transitions,
     ) {
@@ -364,8 +402,7 @@ impl Shared {
                 let totals = core.window.totals(|| now.get());
                 self.metrics.set_rates(&totals);
                 if self.trips_closed(&core.window, &totals) {
-                    core.tripped = totals;
-                    self.transition(core, State::Open, now, out);
+                    self.open(core, totals, hold, now, out);
                 } else {
                     self.publish(core);
                 }
@@ -373,8 +410,7 @@ impl Shared {
             State::HalfOpen if t.probe => {
                 core.probes.in_flight -= 1;
                 if self.half_open_expired(core, now) {
-                    core.tripped = core.probes.totals;
-                    self.transition(core, State::Open, now, out);
+                    self.open(core, core.probes.totals, hold, now, out);
                     return;
                 }
                 if outcome == Outcome::Ignored {
@@ -387,16 +423,46 @@ impl Shared {
                 let p = *p;
                 self.metrics.set_rates(&p);
                 match self.decide_half_open(&p) {
-                    Some(State::Open) => {
-                        core.tripped = p;
-                        self.transition(core, State::Open, now, out);
-                    }
+                    Some(State::Open) => self.open(core, p, hold, now, out),
                     Some(to) => self.transition(core, to, now, out),
                     None => {}
                 }
             }
             _ => {}
         }
+    }
+
+    /// Moves to Open because of `tripped`, held for `hold` (the delay asked for by the
+    /// result whose recording opened it) when that ends later than the wait.
+    fn open(
+        &self,
+        core: &mut Core,
+        tripped: Totals,
+        hold: Option<Duration>,
+        now: &mut Now,
+        out: &mut Transitions,
+    ) {
+        core.tripped = tripped;
+        self.transition(core, State::Open, now, out);
+        if let (Some(delay), Some(max), Some(until)) =
+            (hold, self.cfg.retry_after_hold, core.open_until)
+        {
+            let hold = delay.min(max);
+            let held = now.get().checked_add(hold);
+            if held.is_none_or(|h| h > until) {
+                self.set_open_until(core, held);
+                core.held = true;
+                out.held = Some(hold);
+            }
+        }
+    }
+
+    /// Sets the end of the Open period (`None`: never) in the core and the lock-free word.
+    fn set_open_until(&self, core: &mut Core, until: Option<Instant>) {
+        let nanos = until.map_or(u64::MAX, |u| self.nanos_since_origin(u));
+        // An end the lock-free word cannot represent is infinite on both paths.
+        core.open_until = until.filter(|_| nanos != u64::MAX);
+        self.open_until.store(nanos, Ordering::Relaxed);
     }
 
     /// The trip condition in Closed, evaluated after every recorded outcome.
@@ -480,6 +546,7 @@ impl Shared {
         core.entered = now;
         core.state = to;
         core.generation += 1;
+        core.held = false;
         match to {
             State::Closed => {
                 core.window.reset();
@@ -488,11 +555,7 @@ impl Shared {
             }
             State::Open => {
                 core.trips = core.trips.saturating_add(1);
-                let until = now.checked_add(self.wait(core.trips));
-                let nanos = until.map_or(u64::MAX, |u| self.nanos_since_origin(u));
-                // An end the lock-free word cannot represent is infinite on both paths.
-                core.open_until = until.filter(|_| nanos != u64::MAX);
-                self.open_until.store(nanos, Ordering::Relaxed);
+                self.set_open_until(core, now.checked_add(self.wait(core.trips)));
             }
             State::HalfOpen => {
                 core.probes = Probes::default();
@@ -544,6 +607,9 @@ impl Shared {
                 to: to.as_str(),
             });
         }
+        if let Some(hold) = out.held {
+            self.events.emit(|| EventKind::HeldOpen { hold });
+        }
     }
 
     // ---- handle ---------------------------------------------------------------------------
@@ -580,6 +646,16 @@ impl Shared {
         core.probes.in_flight + core.probes.totals.calls
     }
 
+    /// Seconds left in a Retry-After hold (infinite for a hold past what the clock can
+    /// represent); 0 when the breaker is not held Open.
+    fn hold_left(core: &Core, at: Instant) -> f64 {
+        match (core.state, core.held, core.open_until) {
+            (State::Open, true, Some(u)) => u.saturating_duration_since(at).as_secs_f64(),
+            (State::Open, true, None) => f64::INFINITY,
+            _ => 0.0,
+        }
+    }
+
     pub(super) fn snapshot(&self, now: &mut Now) -> Snapshot {
         let mut out = Transitions::default();
         let snap = {
@@ -596,7 +672,7 @@ impl Shared {
                 self.metrics.set_rates(&totals);
             }
             let in_state = at.saturating_duration_since(core.entered);
-            Snapshot::new(LayerKind::CircuitBreaker, &self.name)
+            let snap = Snapshot::new(LayerKind::CircuitBreaker, &self.name)
                 .with_state(core.state.as_str())
                 .with_gauge("failure_rate", totals.failure_rate())
                 .with_gauge("slow_call_rate", totals.slow_rate())
@@ -610,7 +686,12 @@ impl Shared {
                         0.0
                     },
                 )
-                .with_counter("rejected", self.rejected.load(Ordering::Relaxed))
+                .with_counter("rejected", self.rejected.load(Ordering::Relaxed));
+            if self.cfg.retry_after_hold.is_some() {
+                snap.with_gauge("retry_after_hold_seconds", Self::hold_left(&core, at))
+            } else {
+                snap
+            }
         };
         self.emit(out);
         snap

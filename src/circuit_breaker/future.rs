@@ -56,11 +56,13 @@ impl Guard {
             .map(|s| clock::now().saturating_duration_since(s))
     }
 
+    /// `retry_after`: the delay the result asks for, read only when the breaker needs it.
     #[inline]
-    fn finish(&mut self, outcome: Outcome) {
+    fn finish(&mut self, outcome: Outcome, retry_after: impl FnOnce() -> Option<Duration>) {
         self.armed = false;
         let elapsed = self.elapsed();
-        self.shared().complete(self.ticket, outcome, elapsed);
+        self.shared()
+            .complete_with(self.ticket, outcome, elapsed, retry_after);
     }
 }
 
@@ -94,6 +96,10 @@ pub struct Admission {
     /// `None` when the call ended at the response (recorded in place by the future).
     guard: Option<Guard>,
     outcome: Outcome,
+    /// The delay the response asked for (see
+    /// [`retry_after_hold`](super::CircuitBreakerBuilder::retry_after_hold)), read at the
+    /// headers when the response is a failure.
+    retry_after: Option<Duration>,
 }
 
 impl fmt::Debug for Admission {
@@ -115,7 +121,8 @@ impl CallEnd for Admission {
             End::Response | End::EndOfStream | End::Dropped => self.outcome,
         };
         if let Some(mut guard) = self.guard {
-            guard.finish(outcome);
+            let retry_after = self.retry_after;
+            guard.finish(outcome, || retry_after);
         }
     }
 }
@@ -218,17 +225,27 @@ where
                     Poll::Ready(Ok(res)) => {
                         this.kind.set(Kind::Done);
                         let outcome = this.classifier.classify(Ok(&res));
-                        let guard = if M::AFTER_RESPONSE {
-                            this.guard.take()
+                        let (guard, retry_after) = if M::AFTER_RESPONSE {
+                            // The delay is read now, while the headers are at hand, and only
+                            // for a failure (the only outcome that can open the breaker).
+                            let retry_after = match outcome {
+                                Outcome::Failure => this.classifier.retry_after(Ok(&res)),
+                                _ => None,
+                            };
+                            (this.guard.take(), retry_after)
                         } else {
                             // Ends here: recorded in place, so the guard stays with this
                             // future and nothing is moved on the hot path.
                             if let Some(g) = this.guard.as_mut() {
-                                g.finish(outcome);
+                                g.finish(outcome, || this.classifier.retry_after(Ok(&res)));
                             }
-                            None
+                            (None, None)
                         };
-                        let admission = Admission { guard, outcome };
+                        let admission = Admission {
+                            guard,
+                            outcome,
+                            retry_after,
+                        };
                         return Poll::Ready(Ok(this.completion.complete(res, admission)));
                     }
                     Poll::Ready(Err(e)) => break e.into(),
@@ -245,7 +262,7 @@ where
         this.kind.set(Kind::Done);
         let outcome = this.classifier.classify(Err(&result));
         if let Some(g) = this.guard.as_mut() {
-            g.finish(outcome);
+            g.finish(outcome, || this.classifier.retry_after(Err(&result)));
         }
         Poll::Ready(Err(result))
     }

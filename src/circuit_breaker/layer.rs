@@ -89,6 +89,7 @@ pub struct CircuitBreakerBuilder<C = DefaultClassifier, M = AtResponse> {
     wait_in_open: Duration,
     backoff: Option<(f64, Duration)>,
     max_time_in_half_open: Option<Duration>,
+    retry_after_hold: Option<Duration>,
     classifier: C,
     completion: M,
 }
@@ -109,6 +110,7 @@ impl Default for CircuitBreakerBuilder {
             wait_in_open: DEFAULT_WAIT,
             backoff: None,
             max_time_in_half_open: Some(DEFAULT_WAIT),
+            retry_after_hold: None,
             classifier: DefaultClassifier,
             completion: AtResponse,
         }
@@ -189,6 +191,22 @@ impl<C, M> CircuitBreakerBuilder<C, M> {
         self
     }
 
+    /// Turns the Retry-After hold on (off by default): when the response whose recorded
+    /// outcome opens the breaker (a trip in Closed, or a reopening in HalfOpen) asks for a
+    /// delay before the next call, the Open period lasts until that delay has passed, capped
+    /// at `max` after the opening, if that is longer than the wait in Open (which it never
+    /// shortens). The delay comes from the classifier's
+    /// [`Classify::retry_after`](crate::classify::Classify::retry_after): with
+    /// [`HttpClassifier`](crate::http::HttpClassifier), the `Retry-After` of a `429` or `503`
+    /// response, in delay-seconds or as an HTTP-date (RFC 9110, section 10.2.3). `max` must be
+    /// `> 0` and `>= wait_in_open` (a smaller cap could never hold anything); a server asking
+    /// for a year is held for `max`. See the
+    /// [module docs](crate::circuit_breaker#retry-after-hold).
+    pub fn retry_after_hold(mut self, max: Duration) -> Self {
+        self.retry_after_hold = Some(max);
+        self
+    }
+
     /// Replaces the classifier that decides whether a finished call is a success, a failure
     /// or ignored (default [`DefaultClassifier`]).
     pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerBuilder<C2, M> {
@@ -223,6 +241,7 @@ impl<C, M> CircuitBreakerBuilder<C, M> {
             wait_in_open: self.wait_in_open,
             backoff: self.backoff,
             max_time_in_half_open: self.max_time_in_half_open,
+            retry_after_hold: self.retry_after_hold,
             classifier: classifier(self.classifier),
             completion: completion(self.completion),
         }
@@ -237,7 +256,8 @@ impl<C, M> CircuitBreakerBuilder<C, M> {
     /// window size, `minimum_calls` or `permitted_calls_in_half_open` is 0; `minimum_calls`
     /// exceeds a count-based window; a window is too large; a time window's granularity is 0
     /// or does not divide its size; a duration is 0; the wait multiplier is below 1.0 or not
-    /// finite, or its maximum is below `wait_in_open`; `minimum_calls` or
+    /// finite, or its maximum is below `wait_in_open`; the maximum of
+    /// [`retry_after_hold`](Self::retry_after_hold) is 0 or below `wait_in_open`; `minimum_calls` or
     /// `slow_call_rate_threshold` is set with the consecutive-failures model; the name is
     /// empty.
     pub fn build(self) -> Result<CircuitBreakerLayer<C, M>, ConfigError> {
@@ -261,6 +281,16 @@ impl<C, M> CircuitBreakerBuilder<C, M> {
                 return Err(v.error("exponential_wait", max, "a maximum >= wait_in_open"));
             }
         }
+        let retry_after_hold = self
+            .retry_after_hold
+            .map(|max| {
+                let max = v.positive_duration("retry_after_hold", max)?;
+                if max < wait_in_open {
+                    return Err(v.error("retry_after_hold", max, "a maximum >= wait_in_open"));
+                }
+                Ok(max)
+            })
+            .transpose()?;
         let max_time_in_half_open = self
             .max_time_in_half_open
             .map(|d| v.positive_duration("max_time_in_half_open", d))
@@ -334,6 +364,7 @@ impl<C, M> CircuitBreakerBuilder<C, M> {
             wait_in_open,
             backoff: self.backoff,
             max_time_in_half_open,
+            retry_after_hold,
         };
         let reg = self.common.registrar();
         let metrics = Metrics::register(&reg, self.common.record_durations);
@@ -430,8 +461,10 @@ impl CircuitBreakerHandle {
     /// to date): kind `circuit_breaker`, state as in [`State::as_str`]; gauges
     /// `failure_rate` and `slow_call_rate` (ratios in 0.0..=1.0 of the Closed window, of the
     /// probes in HalfOpen, of the outcomes that tripped it in Open), `calls_in_window`
-    /// (recorded calls those rates are over), `time_in_state_seconds`, `probes_in_flight`;
-    /// counter `rejected` (calls not permitted since the layer was built).
+    /// (recorded calls those rates are over), `time_in_state_seconds`, `probes_in_flight`,
+    /// and with [`retry_after_hold`](CircuitBreakerBuilder::retry_after_hold) on,
+    /// `retry_after_hold_seconds` (time left in a Retry-After hold, 0 when the breaker is not
+    /// held Open); counter `rejected` (calls not permitted since the layer was built).
     pub fn snapshot(&self) -> Snapshot {
         self.shared.snapshot(&mut Now::lazy())
     }

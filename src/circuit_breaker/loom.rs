@@ -29,6 +29,7 @@ fn breaker(permitted: u64, window: u64, transitions: Arc<AtomicUsize>) -> (Arc<S
         wait_in_open: Duration::from_secs(60),
         backoff: None,
         max_time_in_half_open: None,
+        retry_after_hold: None,
     };
     let metrics = Metrics::register(&Registrar::new(name.clone(), MetricsProfile::Off), false);
     let listener: crate::event::Listener = Arc::new(move |e: &crate::event::Event<'_>| {

@@ -61,7 +61,8 @@
 //! - **Open** rejects at once, without calling the inner service, with a
 //!   [`BreakwaterError`](crate::error::BreakwaterError) of kind
 //!   [`CircuitOpen`](crate::error::ErrorKind::CircuitOpen) carrying the instance name and,
-//!   as `retry_after`, the time left in the wait (none when the wait is effectively
+//!   as `retry_after`, the time left in the wait (or in a [Retry-After hold](#retry-after-hold);
+//!   none when the wait is effectively
 //!   infinite: it ends more than about 584 years after the layer was built, as with
 //!   `Duration::MAX`; such a breaker stays Open until reset). The wait is fixed, or grows exponentially
 //!   with a cap across consecutive trips ([`exponential_wait`](CircuitBreakerBuilder::exponential_wait)).
@@ -101,12 +102,55 @@
 //!   ([`DefaultClassifier`](crate::classify::DefaultClassifier): errors are failures, except
 //!   rejections by our layers further inside, which are ignored).
 //!
+//! # Retry-After hold
+//!
+//! Opt-in with [`retry_after_hold(max)`](CircuitBreakerBuilder::retry_after_hold): a
+//! dependency that answers "come back in 30 s" (HTTP `429` or `503` with `Retry-After`, in
+//! delay-seconds or as an HTTP-date, RFC 9110 section 10.2.3; anything else is ignored) is
+//! not probed before then.
+//!
+//! - **Which responses.** The delay is read through the classifier's
+//!   [`Classify::retry_after`](crate::classify::Classify::retry_after)
+//!   ([`HttpClassifier`](crate::http::HttpClassifier) implements it; the breaker itself knows
+//!   nothing of HTTP), only from a result classified as a failure, of a call admitted in the
+//!   current state period, when its recorded outcome opens the breaker: a trip in Closed, a
+//!   reopening in HalfOpen (a decisive failed probe, or a probe finishing past the maximum
+//!   time in HalfOpen). Open admits no call, so a response that finds the breaker Open
+//!   comes from a call admitted in an earlier period (before the trip, or a probe of an
+//!   earlier half-open period): as for every late outcome, it never sets or extends the
+//!   hold. One response never forces a Closed breaker open by itself: in Closed only the
+//!   window's trip condition opens it, and a response asking for a delay without tripping
+//!   it changes nothing.
+//! - **How long.** The Open period ends at the later of its wait (fixed or
+//!   [exponential](CircuitBreakerBuilder::exponential_wait), unchanged by the hold) and the
+//!   opening instant plus the delay capped at `max`; a delay shorter than the wait changes
+//!   nothing, and the hold never shortens the wait. Units: the delay is whole seconds from
+//!   the response (an HTTP-date is converted with the wall clock, `SystemTime`, read only
+//!   for that form); the hold runs on tokio's clock like every other wait. The cap keeps a
+//!   server asking for a year from holding the breaker open for a year.
+//! - **Afterwards** nothing differs: the breaker becomes HalfOpen lazily at the first call or
+//!   state read after the hold, probes as usual, and a probe answered with another
+//!   `Retry-After` reopens it with a new hold. The hold counts as the Open period it
+//!   extends: one transition, one trip for the exponential wait, and the state gauges and
+//!   `_state_milliseconds_total` show Open throughout (no separate state). Rejections during
+//!   the hold carry the time left (wait or hold, whichever ends later) as `retry_after`, which
+//!   [`rejection_response`](crate::http::rejection_response) turns into a `Retry-After` for
+//!   callers of a server.
+//! - **Visible** as [`EventKind::HeldOpen`](crate::event::EventKind) (the hold's length, right
+//!   after the `StateTransition` to `"open"`, only when the hold outlasts the wait) and the
+//!   snapshot gauge `retry_after_hold_seconds` (time left in a hold; 0 when not held; present
+//!   only with the option on).
+//! - **Cost.** None when off and none on the success path when on: the delay is asked for
+//!   only for a failure about to be recorded (after the usual one atomic load, outside the
+//!   lock); `HttpClassifier` then compares the status, and only for a `429` or `503` looks
+//!   up and parses the header.
+//!
 //! # Defaults
 //!
 //! Count-based window of 100, `minimum_calls` = the window size (100 for a time window),
 //! failure-rate threshold 0.5, slow-call detection off (slow-call duration 60 s once on),
 //! 10 probes in HalfOpen, fixed wait in Open of 60 s, maximum time in HalfOpen 60 s: those of
-//! resilience4j, except the maximum time in HalfOpen.
+//! resilience4j, except the maximum time in HalfOpen. Retry-After hold off.
 //!
 //! # Admission and `Clone`
 //!
@@ -164,7 +208,9 @@
 //!
 //! Every transition emits [`EventKind::StateTransition`](crate::event::EventKind) with the
 //! state names of [`State::as_str`], after the breaker's lock is released (a listener may
-//! read the handle); every rejection emits [`EventKind::Rejected`](crate::event::EventKind).
+//! read the handle), followed by [`EventKind::HeldOpen`](crate::event::EventKind) for an
+//! Open period held by a [Retry-After](#retry-after-hold); every rejection emits
+//! [`EventKind::Rejected`](crate::event::EventKind).
 //! The handle's [`snapshot`](CircuitBreakerHandle::snapshot) lists its keys.
 //!
 //! # Shared state

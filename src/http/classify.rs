@@ -1,3 +1,5 @@
+use std::time::{Duration, SystemTime};
+
 use http::{Response, StatusCode};
 
 use crate::classify::{Classify, DefaultClassifier, Outcome};
@@ -14,6 +16,12 @@ use crate::error::BoxError;
 ///
 /// The set is a 1,000-bit bitmap (statuses 100 to 999), so the classifier is `Copy` and a
 /// lookup is one load and a shift.
+///
+/// It also reports a response's `Retry-After` ([`Classify::retry_after`]: that of a `429` or
+/// `503` response, in either form, as [`retry_after`](super::retry_after()) reads it, with
+/// the wall clock read only for an HTTP-date), which a circuit breaker with
+/// [`retry_after_hold`](crate::circuit_breaker::CircuitBreakerBuilder::retry_after_hold) on
+/// honours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpClassifier {
     failures: [u64; 16],
@@ -79,6 +87,11 @@ impl<B> Classify<Response<B>> for HttpClassifier {
             Ok(_) => Outcome::Success,
             Err(e) => DefaultClassifier.classify_error(e),
         }
+    }
+
+    #[inline]
+    fn retry_after(&self, result: Result<&Response<B>, &BoxError>) -> Option<Duration> {
+        super::retry_after::retry_after_with(result.ok()?, SystemTime::now)
     }
 }
 

@@ -13,7 +13,9 @@ use crate::error::{self, ErrorKind};
 /// | `Timeout` | `504 Gateway Timeout` | no |
 ///
 /// `Retry-After` is in whole seconds, rounded **up** (a caller told to come back in 0.2 s is
-/// told 1 s, never 0), from [`BreakwaterError::retry_after`](crate::BreakwaterError::retry_after).
+/// told 1 s, never 0), from [`BreakwaterError::retry_after`](crate::BreakwaterError::retry_after):
+/// for an open circuit breaker, the time left until it probes again, including a
+/// [Retry-After hold](crate::circuit_breaker#retry-after-hold).
 /// Returns `None` for errors that are not ours (found with [`error::find`]) and for
 /// `Panicked`: those are the application's to map (usually to `500`). The body is
 /// `B::default()`.

@@ -27,6 +27,11 @@ use http::{HeaderValue, Response, StatusCode};
 /// assert_eq!(parse_retry_after(&HeaderValue::from_static("-1"), now), None);
 /// ```
 pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    parse_with(value, || now)
+}
+
+/// [`parse_retry_after`] asking for the wall-clock time only to resolve an HTTP-date.
+fn parse_with(value: &HeaderValue, now: impl FnOnce() -> SystemTime) -> Option<Duration> {
     let s = value.to_str().ok()?.trim_matches(|c| c == ' ' || c == '\t');
     if s.is_empty() {
         return None;
@@ -35,13 +40,22 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
         return s.parse::<u64>().ok().map(Duration::from_secs);
     }
     let date = httpdate::parse_http_date(s).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(date.duration_since(now()).unwrap_or(Duration::ZERO))
 }
 
 /// The `Retry-After` of a `429 Too Many Requests` or `503 Service Unavailable` response, as
 /// the delay from `now` ([`parse_retry_after`]); `None` for other statuses, for a missing or
 /// invalid value, and when the header appears more than once (ambiguous).
 pub fn retry_after<B>(res: &Response<B>, now: SystemTime) -> Option<Duration> {
+    retry_after_with(res, || now)
+}
+
+/// [`retry_after`] asking for the wall-clock time only to resolve an HTTP-date of a 429 or
+/// 503 response (what a breaker's Retry-After hold uses: no clock read otherwise).
+pub(crate) fn retry_after_with<B>(
+    res: &Response<B>,
+    now: impl FnOnce() -> SystemTime,
+) -> Option<Duration> {
     if res.status() != StatusCode::TOO_MANY_REQUESTS
         && res.status() != StatusCode::SERVICE_UNAVAILABLE
     {
@@ -52,7 +66,7 @@ pub fn retry_after<B>(res: &Response<B>, now: SystemTime) -> Option<Duration> {
     if values.next().is_some() {
         return None;
     }
-    parse_retry_after(first, now)
+    parse_with(first, now)
 }
 
 #[cfg(test)]
@@ -112,6 +126,32 @@ mod tests {
         }
         let non_ascii = HeaderValue::from_bytes(b"\xff12").unwrap();
         assert_eq!(parse_retry_after(&non_ascii, now()), None);
+    }
+
+    #[test]
+    fn the_clock_is_read_only_for_an_http_date_of_a_429_or_503() {
+        let res = |code: u16, value: &'static str| {
+            Response::builder()
+                .status(code)
+                .header(RETRY_AFTER, value)
+                .body(())
+                .unwrap()
+        };
+        let never = || -> SystemTime { panic!("the clock was read") };
+        let date = "Wed, 21 Oct 2015 07:30:00 GMT";
+        assert_eq!(
+            retry_after_with(&res(503, "30"), never),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(retry_after_with(&res(500, date), never), None);
+        assert_eq!(retry_after_with(&res(200, date), never), None);
+        assert_eq!(retry_after_with(&res(429, "soon"), never), None);
+        let mut reads = 0;
+        let at = retry_after_with(&res(429, date), || {
+            reads += 1;
+            now()
+        });
+        assert_eq!((at, reads), (Some(Duration::from_secs(120)), 1));
     }
 
     #[test]
