@@ -97,7 +97,11 @@ pin_project! {
 }
 
 pin_project! {
+    // The hot transitions (ready -> called -> done) use `project_replace` and move the old
+    // variant's fields out, so that they are dropped by type, not through the enum's drop
+    // glue (a call and a match per transition).
     #[project = StateProj]
+    #[project_replace = StateReplace]
     enum State<S, Req, F> {
         // Rejected in `call`; the error is returned on the first poll.
         Rejected { err: Option<BoxError> },
@@ -187,48 +191,75 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let mut state = self.project().state;
         loop {
-            match this.state.as_mut().project() {
+            match state.as_mut().project() {
                 StateProj::Ready { svc, req } => {
                     if let Err(e) = ready!(svc.poll_ready(cx)) {
-                        this.state.set(State::Done);
+                        state.set(State::Done);
                         return Poll::Ready(Err(e.into()));
                     }
                     let req = req.take().expect("request present until called");
                     let fut = svc.call(req);
-                    this.state.set(State::Called { fut });
+                    // Moving the old fields out drops them by type (no enum drop glue).
+                    match state.as_mut().project_replace(State::Called { fut }) {
+                        StateReplace::Ready { svc, req } => drop((svc, req)),
+                        _ => unreachable!("replaced the ready state"),
+                    }
                 }
                 StateProj::Called { fut } => {
                     let out = ready!(fut.poll(cx));
-                    this.state.set(State::Done);
+                    // `project_replace` dropped the pinned future in place; what it returns
+                    // for this variant owns nothing, so forgetting it skips the drop glue.
+                    let old = state.project_replace(State::Done);
+                    match &old {
+                        StateReplace::Called { .. } => std::mem::forget(old),
+                        _ => unreachable!("replaced the called state"),
+                    }
                     return Poll::Ready(out.map_err(Into::into));
                 }
-                StateProj::Waiting { wait } => {
-                    let mut w = wait.as_mut().project();
-                    if let TimerProj::Unarmed { deadline } = w.timer.as_mut().project() {
-                        let sleep = tokio::time::sleep_until(*deadline);
-                        w.timer.set(Timer::Armed { sleep });
-                    }
-                    if let TimerProj::Armed { sleep } = w.timer.project() {
-                        ready!(sleep.poll(cx));
-                    }
-                    w.waiter.admit();
-                    let svc = w.svc.take().expect("service present until admitted");
-                    let req = w.req.take().expect("request present until admitted");
-                    this.state.set(State::Ready {
-                        svc,
-                        req: Some(req),
-                    });
-                }
-                StateProj::Rejected { err } => {
-                    let err = err.take().expect("error present until returned");
-                    this.state.set(State::Done);
-                    return Poll::Ready(Err(err));
-                }
+                StateProj::Waiting { .. } => ready!(poll_waiting(state.as_mut(), cx)),
+                StateProj::Rejected { err } => return rejected(err),
                 StateProj::Done => panic!("RateLimit ResponseFuture polled after completion"),
             }
         }
     }
+}
+
+/// A waiting future: sleeps until its emission time (arming the timer on the first poll),
+/// then admits the call and turns into the `Ready` state.
+#[cold]
+#[inline(never)]
+fn poll_waiting<S, Req, F>(
+    mut state: Pin<&mut State<S, Req, F>>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let StateProj::Waiting { wait } = state.as_mut().project() else {
+        unreachable!("called in the waiting state")
+    };
+    let mut w = wait.as_mut().project();
+    if let TimerProj::Unarmed { deadline } = w.timer.as_mut().project() {
+        let sleep = tokio::time::sleep_until(*deadline);
+        w.timer.set(Timer::Armed { sleep });
+    }
+    if let TimerProj::Armed { sleep } = w.timer.project() {
+        ready!(sleep.poll(cx));
+    }
+    w.waiter.admit();
+    let svc = w.svc.take().expect("service present until admitted");
+    let req = w.req.take().expect("request present until admitted");
+    state.set(State::Ready {
+        svc,
+        req: Some(req),
+    });
+    Poll::Ready(())
+}
+
+/// The error of a call rejected in `call`, taken on the first poll.
+#[cold]
+#[inline(never)]
+fn rejected<T>(err: &mut Option<BoxError>) -> Poll<Result<T, BoxError>> {
+    Poll::Ready(Err(err.take().expect("error present until returned")))
 }

@@ -55,7 +55,7 @@ fn main() {
     }
 }
 
-/// One line naming the CPU and the cores this run had.
+/// One line naming the CPU, the cores this run had and the compiler.
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -68,9 +68,10 @@ fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".to_owned());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
-        "{cpu}, {cores} cores, {} {}, current-thread tokio runtime, criterion median",
+        "{cpu}, {cores} cores, {} {}, {}, current-thread tokio runtime, criterion median",
         std::env::consts::OS,
-        std::env::consts::ARCH
+        std::env::consts::ARCH,
+        env!("COMPARE_RUSTC_VERSION"),
     )
 }
 
@@ -99,7 +100,7 @@ fn timeout(h: &mut Harness) {
 
 fn concurrency(h: &mut Harness) {
     let mut c = h.category("bulkhead", "bulkhead with room (1000)");
-    // ours: c.ours("breakwater bulkhead", <BulkheadLayer with 1000>.layer(inner()));
+    c.ours("breakwater bulkhead", breakwater_bulkhead().layer(inner()));
     c.peer(
         "tower ConcurrencyLimit",
         tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENT).layer(inner()),
@@ -108,6 +109,10 @@ fn concurrency(h: &mut Harness) {
         "tower-resilience bulkhead",
         resilience_bulkhead().layer(inner()),
     );
+}
+
+fn breakwater_bulkhead() -> tower_breakwater::bulkhead::BulkheadLayer {
+    tower_breakwater::bulkhead::BulkheadLayer::new(MAX_CONCURRENT).expect("valid bulkhead")
 }
 
 fn resilience_bulkhead() -> tower_resilience::bulkhead::BulkheadLayer {
@@ -298,8 +303,32 @@ fn coalesce(h: &mut Harness) {
 
 fn stack(h: &mut Harness) {
     let mut c = h.category("stack", "breaker + rate limiter + bulkhead + timeout");
-    // ours: c.ours("breakwater 4-layer stack", ServiceBuilder::new()...service(inner()));
-    //       c.ours("breakwater preset", <preset>.layer(inner()));
+    // The same four layers, outermost first, as the peer's stack below.
+    c.ours(
+        "breakwater 4-layer stack",
+        ServiceBuilder::new()
+            .layer(breakwater_breaker())
+            .layer(breakwater_rate_limiter())
+            .layer(breakwater_bulkhead())
+            .layer(tower_breakwater::timeout::TimeoutLayer::new(TIMEOUT).expect("valid timeout"))
+            .service(inner()),
+    );
+    // The full preset: overall deadline, rate limiter, bulkhead, breaker, per-call timeout.
+    let preset = tower_breakwater::preset::Dependency::builder("compare")
+        .call_timeout(TIMEOUT)
+        .concurrency(MAX_CONCURRENT, Duration::ZERO)
+        .rate_limit(
+            u64::from(RATE_PER_SEC),
+            Duration::from_secs(1),
+            u64::from(RATE_PER_SEC),
+            Duration::ZERO,
+        )
+        .circuit_breaker(|b| {
+            b.sliding_window(tower_breakwater::circuit_breaker::SlidingWindow::count_based(100))
+        })
+        .build()
+        .expect("valid preset");
+    c.ours("breakwater preset (Dependency)", preset.layer(inner()));
     c.peer(
         "tower-resilience 4-layer stack",
         ServiceBuilder::new()
@@ -337,7 +366,7 @@ fn contended(h: &mut Harness) {
     });
 
     let mut c = h.contended("bulkhead", "2 threads: bulkhead with room (1000)");
-    // ours: c.ours("breakwater bulkhead", <one layer>.layer(inner()));
+    c.ours("breakwater bulkhead", breakwater_bulkhead().layer(inner()));
     c.peer(
         "tower ConcurrencyLimit",
         tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENT).layer(inner()),

@@ -10,6 +10,12 @@
 //! (`peer / ours`, so above 1.0x means the peer is slower). A category without one of our
 //! subjects prints the peers with `—` as ratio.
 //!
+//! Single-thread subjects are also run, after their measurement, through a counting global
+//! allocator (the default `allocs` feature): the allocations of 2,000 calls minus those of
+//! 1,000, over 1,000, are printed as allocations per call. The counting allocator costs a
+//! few nanoseconds per allocation, paid by the subjects that allocate; build with
+//! `--no-default-features` to time every subject on the plain system allocator.
+//!
 //! The contended variant ([`Harness::contended`]) runs two OS threads, each with its own
 //! current-thread runtime, calling clones of one shared subject; it reports nanoseconds per
 //! call per thread (the slower thread's time over the calls one thread made).
@@ -60,6 +66,8 @@ struct Row {
     label: &'static str,
     role: Role,
     ran: bool,
+    /// Allocations per call, when counted.
+    allocs: Option<f64>,
 }
 
 /// Runs the subjects through criterion and prints the table.
@@ -113,19 +121,21 @@ impl Harness {
             label,
             role,
             ran: false,
+            allocs: None,
         });
     }
 
-    /// Measures `f` (one call per iteration) as `group/label` on the harness's runtime.
+    /// Measures `f` (one call per iteration) as `group/label` on the harness's runtime, then
+    /// counts its allocations per call if it ran.
     fn single<R, F>(&mut self, group: &str, label: &'static str, mut f: F)
     where
         F: AsyncFnMut(u64) -> R,
     {
         let rt = &self.rt;
-        let ran = &mut self.rows.last_mut().expect("recorded before measured").ran;
+        let mut ran = false;
         let mut g = self.criterion.benchmark_group(group);
         g.bench_function(label, |b| {
-            *ran = true;
+            ran = true;
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let start = Instant::now();
@@ -137,6 +147,11 @@ impl Harness {
             })
         });
         g.finish();
+        let row = self.rows.last_mut().expect("recorded before measured");
+        row.ran = ran;
+        if ran {
+            row.allocs = allocs_per_call(&self.rt, &mut f);
+        }
     }
 
     /// The table of this run as markdown, from the estimates criterion wrote under
@@ -147,8 +162,8 @@ impl Harness {
 
     fn render(&self, home: &std::path::Path) -> String {
         let mut out = String::new();
-        out.push_str("| category | subject | ns/call | ratio to ours |\n");
-        out.push_str("|---|---|---:|---|\n");
+        out.push_str("| category | subject | ns/call | ratio to ours | allocs/call |\n");
+        out.push_str("|---|---|---:|---|---:|\n");
         let mut i = 0;
         while i < self.rows.len() {
             let cat = self.rows[i].category;
@@ -181,11 +196,55 @@ impl Harness {
                     }
                     _ => "—".to_owned(),
                 };
-                out.push_str(&format!("| {cat} | {} | {ns_text} | {ratio} |\n", r.label));
+                let allocs = r.allocs.map_or_else(|| "—".to_owned(), format_allocs);
+                out.push_str(&format!(
+                    "| {cat} | {} | {ns_text} | {ratio} | {allocs} |\n",
+                    r.label
+                ));
             }
             i = end;
         }
         out
+    }
+}
+
+fn format_allocs(n: f64) -> String {
+    if n.fract() == 0.0 {
+        format!("{n:.0}")
+    } else {
+        format!("{n:.2}")
+    }
+}
+
+/// Calls counted for [`allocs_per_call`].
+const ALLOC_CALLS: u64 = 1_000;
+
+/// Allocations per call of `f`, on this thread: those of a `block_on` running
+/// `2 * ALLOC_CALLS` calls minus those of one running `ALLOC_CALLS`, over `ALLOC_CALLS` (so
+/// that what a `block_on` allocates once does not count), after a warm-up. `None` without
+/// the `allocs` feature.
+fn allocs_per_call<R>(rt: &Runtime, f: &mut impl AsyncFnMut(u64) -> R) -> Option<f64> {
+    #[cfg(feature = "allocs")]
+    {
+        let mut run = |n: u64| {
+            allocation_counter::measure(|| {
+                rt.block_on(async {
+                    for i in 0..n {
+                        black_box(f(black_box(i)).await);
+                    }
+                })
+            })
+            .count_total
+        };
+        run(100);
+        let once = run(ALLOC_CALLS);
+        let twice = run(2 * ALLOC_CALLS);
+        Some(twice.saturating_sub(once) as f64 / ALLOC_CALLS as f64)
+    }
+    #[cfg(not(feature = "allocs"))]
+    {
+        let _ = (rt, f);
+        None
     }
 }
 
@@ -346,15 +405,10 @@ impl Contended<'_> {
     where
         G: AsyncFnMut(u64) -> R + Send,
     {
-        let ran = &mut self
-            .h
-            .rows
-            .last_mut()
-            .expect("recorded before measured")
-            .ran;
+        let mut ran = false;
         let mut g = self.h.criterion.benchmark_group(&self.group);
         g.bench_function(label, |b| {
-            *ran = true;
+            ran = true;
             b.iter_custom(|iters| {
                 let barrier = Barrier::new(THREADS);
                 std::thread::scope(|scope| {
@@ -384,6 +438,11 @@ impl Contended<'_> {
             })
         });
         g.finish();
+        self.h
+            .rows
+            .last_mut()
+            .expect("recorded before measured")
+            .ran = ran;
     }
 }
 
@@ -462,7 +521,11 @@ mod tests {
         ];
         for (category, group, label, role, median) in rows {
             h.record(category, group, label, role);
-            h.rows.last_mut().unwrap().ran = median.is_some();
+            let row = h.rows.last_mut().unwrap();
+            row.ran = median.is_some();
+            row.allocs = (label == "peer/x")
+                .then_some(2.5)
+                .or((label == "ours a").then_some(0.0));
             if let Some(m) = median {
                 write_estimate(&home, group, label, m);
             }
@@ -473,12 +536,12 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "| timeout | ours a | 20.0 | reference |",
-                "| timeout | ours b | 30.0 | ours b / ours a = 1.5x |",
-                "| timeout | peer/x | 50.0 | peer/x / ours a = 2.5x |",
-                "| timeout | peer y | not run | — |",
-                "| breaker | lonely peer | 40.0 | — |",
-                "| baseline | floor | 2.0 |  |",
+                "| timeout | ours a | 20.0 | reference | 0 |",
+                "| timeout | ours b | 30.0 | ours b / ours a = 1.5x | — |",
+                "| timeout | peer/x | 50.0 | peer/x / ours a = 2.5x | 2.50 |",
+                "| timeout | peer y | not run | — | — |",
+                "| breaker | lonely peer | 40.0 | — | — |",
+                "| baseline | floor | 2.0 |  | — |",
             ]
         );
     }
