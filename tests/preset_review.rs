@@ -528,3 +528,136 @@ async fn every_layer_emits_its_events_to_the_preset_listener_once_under_the_depe
         ]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn without_cache_and_coalescing_responses_need_not_be_clone() {
+    /// A response that cannot be cloned.
+    #[derive(Debug, PartialEq)]
+    struct Receipt(u64);
+    let calls = Count::default();
+    let counted = calls.clone();
+    let layer = Dependency::builder("x")
+        .rate_limit(10, Duration::from_secs(1), 10, Duration::ZERO)
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(move |tx: u64| {
+        counted.incr();
+        async move { Ok::<_, BoxError>(Receipt(tx)) }
+    }));
+    assert_eq!(svc.oneshot(9).await.unwrap(), Receipt(9));
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limited_miss_under_the_cache_carries_its_exact_retry_after() {
+    let calls = Count::default();
+    let layer = Dependency::builder("p")
+        .rate_limit(1, Duration::from_secs(10), 1, Duration::ZERO)
+        .cache(|c| c.key(|ms: &u64| Some(*ms)).ttl(Duration::from_secs(60)))
+        .coalesce(|ms: &u64| Some(*ms))
+        .build()
+        .unwrap();
+    let svc = layer.layer(sleeper(calls.clone()));
+    assert_eq!(svc.clone().oneshot(0).await.unwrap(), 0);
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let err = svc.clone().oneshot(1).await.unwrap_err();
+    let ours = error::find(err.as_ref()).unwrap();
+    assert_eq!(
+        (ours.kind(), ours.layer(), ours.retry_after()),
+        (
+            ErrorKind::RateLimited,
+            LayerKind::RateLimiter,
+            Some(Duration::from_secs(6))
+        )
+    );
+    assert_eq!(svc.oneshot(0).await.unwrap(), 0, "a hit needs no token");
+    assert_eq!(calls.get(), 1);
+}
+
+/// A dependency whose client never becomes ready (a pool that never frees a connection).
+#[derive(Clone)]
+struct NeverReady;
+
+impl Service<u64> for NeverReady {
+    type Response = u64;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<u64, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Pending
+    }
+
+    fn call(&mut self, req: u64) -> Self::Future {
+        std::future::ready(Ok(req))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_becomes_ready_times_out_and_counts_against_the_dependency() {
+    let layer = Dependency::builder("x")
+        .call_timeout(Duration::from_millis(100))
+        .concurrency(1, Duration::ZERO)
+        .cache(|c| c.key(|ms: &u64| Some(*ms)).ttl(Duration::from_secs(60)))
+        .circuit_breaker(|b| {
+            b.sliding_window(SlidingWindow::count_based(2))
+                .minimum_calls(2)
+        })
+        .build()
+        .unwrap();
+    let svc = layer.layer(NeverReady);
+    let start = Instant::now();
+    for ms in [1, 2] {
+        let err = timeout(Duration::from_secs(5), svc.clone().oneshot(ms))
+            .await
+            .expect("bounded by the call timeout")
+            .unwrap_err();
+        assert_eq!(kind(&err), (ErrorKind::Timeout, "x".to_owned()));
+    }
+    assert_eq!(Instant::now() - start, Duration::from_millis(200));
+    assert_eq!(layer.bulkhead().available(), 1);
+    assert_eq!(layer.breaker().state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_or_a_full_bulkhead_serves_the_stale_entry_without_a_call() {
+    let calls = Count::default();
+    let layer = Dependency::builder("p")
+        .concurrency(1, Duration::ZERO)
+        .cache(|c| {
+            c.key(|ms: &u64| Some(*ms))
+                .ttl(Duration::from_secs(1))
+                .max_staleness(Duration::from_secs(30))
+                .random(|| 1.0)
+        })
+        .build()
+        .unwrap();
+    let svc = layer.layer(sleeper(calls.clone()));
+    for ms in [1, 3] {
+        assert_eq!(svc.clone().oneshot(ms).await.unwrap(), ms);
+    }
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let holder = holding(&svc, 60).await;
+    assert_eq!(
+        svc.clone().oneshot(1).await.unwrap(),
+        1,
+        "bulkhead full: stale"
+    );
+    assert_eq!(holder.await.unwrap().unwrap(), 60);
+    layer.breaker().force_open();
+    assert_eq!(
+        svc.clone().oneshot(3).await.unwrap(),
+        3,
+        "breaker open: stale"
+    );
+    let cache = layer.cache().snapshot();
+    assert_eq!(
+        (cache.counter("misses"), cache.counter("stale")),
+        (Some(3), Some(2)),
+        "each lookup is one miss or one stale answer"
+    );
+    assert_eq!(calls.get(), 3);
+    assert_eq!(layer.bulkhead().available(), 1);
+}
