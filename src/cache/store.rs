@@ -2,7 +2,7 @@
 
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram};
@@ -197,7 +197,9 @@ enum Stored<R> {
 struct Entry<K, R> {
     hash: u64,
     key: K,
-    value: Stored<R>,
+    /// Shared so that a read holds the shard lock only to clone the `Arc`: the user's
+    /// `Clone` of the value runs after the lock is released.
+    value: Arc<Stored<R>>,
     /// A value: stored-at plus TTL; a failure: until when it is remembered. On tokio's clock.
     expiry: Instant,
     /// From this instant to `expiry`, reads run XFetch (see [`window_start`]).
@@ -208,6 +210,9 @@ struct Entry<K, R> {
     delta: Duration,
     /// An early refresh of this entry is in flight.
     refreshing: AtomicBool,
+    /// CLOCK's reference bit: read since the eviction hand last passed. Set by reads only
+    /// when clear, so a hot entry's cache line is written once per pass of the hand.
+    referenced: AtomicBool,
     /// After a failure: no upstream call for this key before this instant.
     retry_at: Option<Instant>,
 }
@@ -229,14 +234,64 @@ pub(crate) enum Lookup<R> {
     Fetch(Option<Fallback<R>>),
 }
 
+/// What a read found, decided under the shard lock; the value is cloned after it.
+enum Found {
+    Hit(Option<Instant>),
+    Stale,
+    Fallback(Instant),
+    Failed,
+}
+
+/// One shard's entries and its CLOCK hand.
+struct Table<K, R> {
+    entries: HashTable<Entry<K, R>>,
+    /// The bucket index the eviction hand points at (taken modulo the bucket count, so
+    /// a resized table only moves the hand).
+    hand: usize,
+}
+
+impl<K, R> Table<K, R> {
+    /// CLOCK (Corbató, 1968): from the hand, removes the first entry that can no longer be
+    /// served at `now` or that was not read since the hand last passed, clearing the
+    /// reference bit of each read entry it passes (its second chance). Every entry passed
+    /// without removal had its bit set by a read since the last pass, so the work is paid
+    /// for by reads: amortised O(1) per insert (plus empty buckets, at most about one per
+    /// entry at hashbrown's load factor). `None` when the table is empty.
+    fn evict(&mut self, now: Instant) -> Option<Entry<K, R>> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let buckets = self.entries.num_buckets();
+        // After one lap every bit is clear, so a second lap always finds a victim.
+        for _ in 0..=2 * buckets {
+            let i = self.hand % buckets;
+            self.hand = i + 1;
+            let Some(e) = self.entries.get_bucket_mut(i) else {
+                continue;
+            };
+            if now < e.stale_until && std::mem::take(e.referenced.get_mut()) {
+                continue;
+            }
+            return self.entries.get_bucket_entry(i).ok().map(|e| e.remove().0);
+        }
+        None
+    }
+}
+
 #[repr(align(128))]
-struct Shard<K, R>(RwLock<HashTable<Entry<K, R>>>);
+struct Shard<K, R>(RwLock<Table<K, R>>);
+
+/// Shards hold at least this many entries on average (fewer shards for small capacities),
+/// so that CLOCK in each shard sees enough entries to tell hot from cold.
+const MIN_PER_SHARD: usize = 64;
 
 /// The store of one layer for one key type, response type, classifier and TTL policy.
 pub(crate) struct Store<K, R, C, T> {
     shards: Box<[Shard<K, R>]>,
     mask: usize,
-    per_shard: usize,
+    /// Entries held or being inserted; bounded by `settings.max_entries` (written on
+    /// inserts of new keys only).
+    count: AtomicUsize,
     hasher: RandomState,
     pub(crate) settings: Settings,
     pub(crate) instruments: Arc<Instruments>,
@@ -278,16 +333,20 @@ where
     ) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut n = (cores * 4).next_power_of_two().clamp(1, 1024);
-        while n > settings.max_entries {
+        while n > 1 && settings.max_entries / n < MIN_PER_SHARD {
             n /= 2;
         }
-        let n = n.max(1);
         Store {
             shards: (0..n)
-                .map(|_| Shard(RwLock::new(HashTable::new())))
+                .map(|_| {
+                    Shard(RwLock::new(Table {
+                        entries: HashTable::new(),
+                        hand: 0,
+                    }))
+                })
                 .collect(),
             mask: n - 1,
-            per_shard: settings.max_entries / n,
+            count: AtomicUsize::new(0),
             hasher: RandomState::default(),
             settings,
             instruments,
@@ -297,33 +356,53 @@ where
     }
 
     #[inline]
-    fn shard(&self, hash: u64) -> &RwLock<HashTable<Entry<K, R>>> {
-        &self.shards[(hash >> 32) as usize & self.mask].0
+    fn shard_index(&self, hash: u64) -> usize {
+        (hash >> 32) as usize & self.mask
     }
 
-    /// A read at `now` (shard read lock; clones the value). A fresh entry before its XFetch
-    /// window costs two comparisons beyond the lookup.
+    #[inline]
+    fn shard(&self, hash: u64) -> &RwLock<Table<K, R>> {
+        &self.shards[self.shard_index(hash)].0
+    }
+
+    /// A read at `now`: under the shard read lock, the entry is found, its reference bit
+    /// set (when clear) and its `Arc` cloned; the value is cloned after the lock is
+    /// released. A fresh entry before its XFetch window costs two comparisons beyond the
+    /// lookup.
     #[inline]
     pub(crate) fn lookup(&self, key: &K, now: Instant) -> Lookup<R> {
         let hash = self.hasher.hash_one(key);
-        let shard = self.shard(hash).read();
-        let Some(e) = shard.find(hash, |e| e.key == *key) else {
-            return Lookup::Fetch(None);
-        };
-        match &e.value {
-            Stored::Value(v) if now < e.expiry => {
-                let early = now >= e.window && self.starts_refresh(e, now);
-                Lookup::Hit(v.clone(), early.then_some(e.stale_until))
-            }
-            Stored::Value(v) if now < e.stale_until => {
-                if e.retry_at.is_some_and(|t| now < t) {
-                    Lookup::Stale(v.clone())
-                } else {
-                    Lookup::Fetch(Some((v.clone(), e.stale_until)))
+        let (value, found) = {
+            let shard = self.shard(hash).read();
+            let Some(e) = shard.entries.find(hash, |e| e.key == *key) else {
+                return Lookup::Fetch(None);
+            };
+            let found = match *e.value {
+                Stored::Value(_) if now < e.expiry => {
+                    let early = now >= e.window && self.starts_refresh(e, now);
+                    Found::Hit(early.then_some(e.stale_until))
                 }
+                Stored::Value(_) if now < e.stale_until => {
+                    if e.retry_at.is_some_and(|t| now < t) {
+                        Found::Stale
+                    } else {
+                        Found::Fallback(e.stale_until)
+                    }
+                }
+                Stored::Failed(_) if now < e.expiry => Found::Failed,
+                _ => return Lookup::Fetch(None),
+            };
+            if !e.referenced.load(Ordering::Relaxed) {
+                e.referenced.store(true, Ordering::Relaxed);
             }
-            Stored::Failed(f) if now < e.expiry => Lookup::Failed(f.clone()),
-            _ => Lookup::Fetch(None),
+            (e.value.clone(), found)
+        };
+        match (&*value, found) {
+            (Stored::Value(v), Found::Hit(until)) => Lookup::Hit(v.clone(), until),
+            (Stored::Value(v), Found::Stale) => Lookup::Stale(v.clone()),
+            (Stored::Value(v), Found::Fallback(until)) => Lookup::Fetch(Some((v.clone(), until))),
+            (Stored::Failed(f), _) => Lookup::Failed(f.clone()),
+            (Stored::Value(_), Found::Failed) => Lookup::Fetch(None),
         }
     }
 
@@ -362,26 +441,24 @@ where
             h.record(delta.as_secs_f64());
         }
         let hash = self.hasher.hash_one(&key);
-        let mut shard = self.shard(hash).write();
         let (Some(ttl), Ok(value)) = (verdict.ttl, res) else {
-            if let Some(e) = shard.find_mut(hash, |e| e.key == key) {
-                e.refreshing.store(false, Ordering::Relaxed);
-            }
-            return;
+            return self.end_refresh(&key);
         };
         let expiry = later(now, ttl);
         let entry = Entry {
             hash,
             key,
-            value: Stored::Value(value.clone()),
+            // Cloned before the lock is taken.
+            value: Arc::new(Stored::Value(value.clone())),
             expiry,
             window: window_start(now, expiry, delta, self.settings.beta),
             stale_until: later(expiry, self.settings.max_staleness),
             delta,
             refreshing: AtomicBool::new(false),
+            referenced: AtomicBool::new(false),
             retry_at: None,
         };
-        self.put(shard, entry);
+        self.put(self.shard(hash).write(), entry, now);
     }
 
     /// A failed computation: the failure is counted, the stored value kept (and, while it
@@ -391,64 +468,76 @@ where
         self.instruments.refresh_failed();
         let s = &self.settings;
         let until = s.negative_ttl.map(|ttl| later(now, ttl));
+        // The failure to remember is cloned before the lock is taken.
+        let remembered = until.map(|_| Arc::new(Stored::Failed(res.clone())));
         let hash = self.hasher.hash_one(&key);
         let mut shard = self.shard(hash).write();
-        if let Some(e) = shard.find_mut(hash, |e| e.key == key) {
+        if let Some(e) = shard.entries.find_mut(hash, |e| e.key == key) {
             e.refreshing.store(false, Ordering::Relaxed);
             e.retry_at = Some(later(now, s.stale_retry_interval));
-            let servable = matches!(e.value, Stored::Value(_)) && now < e.stale_until;
-            if let (false, Some(until)) = (servable, until) {
-                e.value = Stored::Failed(res.clone());
+            let servable = matches!(*e.value, Stored::Value(_)) && now < e.stale_until;
+            let mut old = None;
+            if let (false, Some(until), Some(failed)) = (servable, until, remembered) {
+                old = Some(std::mem::replace(&mut e.value, failed));
                 (e.expiry, e.window, e.stale_until) = (until, until, until);
             }
-            return;
+            drop(shard);
+            // The replaced value is dropped (user code) after the lock is released.
+            return drop(old);
         }
-        let Some(until) = until else { return };
+        let (Some(until), Some(value)) = (until, remembered) else {
+            return;
+        };
         let entry = Entry {
             hash,
             key,
-            value: Stored::Failed(res.clone()),
+            value,
             expiry: until,
             window: until,
             stale_until: until,
             delta: Duration::ZERO,
             refreshing: AtomicBool::new(false),
+            referenced: AtomicBool::new(false),
             retry_at: None,
         };
-        self.put(shard, entry);
+        self.put(shard, entry, now);
     }
 
-    /// Stores `entry` in its shard (locked), replacing the entry of its key or, in a full
-    /// shard, evicting the entry that expires first.
-    fn put(&self, mut shard: RwLockWriteGuard<'_, HashTable<Entry<K, R>>>, entry: Entry<K, R>) {
+    /// Stores `entry` in its shard (`shard`, write-locked by the caller), replacing the
+    /// entry of its key; a new key beyond `max_entries`
+    /// evicts one entry by CLOCK ([`Table::evict`]) from its own shard or, when that shard
+    /// holds nothing else, from the next shard that holds an entry (one lock at a time).
+    /// Replaced and evicted entries are dropped after the locks are released.
+    fn put(&self, mut shard: RwLockWriteGuard<'_, Table<K, R>>, entry: Entry<K, R>, now: Instant) {
         let hash = entry.hash;
-        if let Some(e) = shard.find_mut(hash, |e| e.key == entry.key) {
-            *e = entry;
-            return;
+        if let Some(e) = shard.entries.find_mut(hash, |e| e.key == entry.key) {
+            let old = std::mem::replace(e, entry);
+            drop(shard);
+            return drop(old);
         }
-        let mut added = 1;
-        if shard.len() >= self.per_shard {
-            // Evict the entry that expires first (an expired one, when there is one).
-            let victim = shard.iter().map(|e| (e.expiry, e.hash)).min_by_key(|v| v.0);
-            if let Some((expiry, h)) = victim {
-                if let Ok(found) = shard.find_entry(h, |e| e.expiry == expiry && e.hash == h) {
-                    found.remove();
-                    added = 0;
-                }
-            }
-        }
-        shard.insert_unique(hash, entry, |e| e.hash);
+        let full = self.count.fetch_add(1, Ordering::Relaxed) >= self.settings.max_entries;
+        let mut evicted = if full { shard.evict(now) } else { None };
+        shard.entries.insert_unique(hash, entry, |e| e.hash);
         drop(shard);
-        if added != 0 {
-            self.instruments.entries(added);
+        if full && evicted.is_none() {
+            let own = self.shard_index(hash);
+            evicted = (1..=self.shards.len())
+                .find_map(|i| self.shards[(own + i) & self.mask].0.write().evict(now));
         }
+        if evicted.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.instruments.entries(1);
+        }
+        drop(evicted);
     }
 
     /// Clears the refresh flag of `key`'s entry: a refresh that ended without recording a
     /// result (its upstream call panicked, or it was dropped unfinished).
     pub(crate) fn end_refresh(&self, key: &K) {
         let hash = self.hasher.hash_one(key);
-        if let Some(e) = self.shard(hash).write().find_mut(hash, |e| e.key == *key) {
+        let shard = self.shard(hash).read();
+        if let Some(e) = shard.entries.find(hash, |e| e.key == *key) {
             e.refreshing.store(false, Ordering::Relaxed);
         }
     }
@@ -456,7 +545,7 @@ where
     /// Entries held now (locks each shard in turn; not for the hot path).
     #[allow(dead_code)]
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.read().len()).sum()
+        self.shards.iter().map(|s| s.0.read().entries.len()).sum()
     }
 }
 
