@@ -785,3 +785,68 @@ async fn an_expired_entry_is_evicted_before_read_fresh_ones() {
     assert_eq!(up.calls.get(), 65);
     assert_eq!(h.snapshot().gauge("entries"), Some(64.0));
 }
+
+/// One read of key `k` on its own paused runtime, `after` it starts (each runtime's clock
+/// starts from the system's).
+fn read_blocking(svc: &Svc, k: u64, after: Duration) -> u64 {
+    let mut svc = svc.clone();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(async move {
+            advance(after).await;
+            get(&mut svc, k).await
+        })
+}
+
+/// The random source is user code: it runs after the shard lock is released, as the
+/// value's `Clone` does. Probe: while a hit draws `u`, another thread stores a key into the
+/// same (single) shard; it completes during the draw. The 5 s bound only ends the wait
+/// when the store is blocked.
+#[test]
+fn a_store_completes_while_a_hit_draws_u() {
+    type Probe = Box<dyn FnOnce() + Send>;
+    let armed: Arc<Mutex<Option<Probe>>> = Arc::default();
+    let a = armed.clone();
+    let up = Up::new(2 * S); // delta 2 s: every read of a 60 s entry draws `u`
+    let layer = CacheLayer::builder()
+        .key(key as fn(&u64) -> Option<u64>)
+        .ttl(60 * S)
+        .max_entries(1) // one shard
+        .random(move || {
+            let probe = a.lock().unwrap().take();
+            if let Some(probe) = probe {
+                probe();
+            }
+            1.0
+        })
+        .build()
+        .unwrap();
+    let svc = Svc::new(layer.layer(up.service()));
+    assert_eq!(read_blocking(&svc, 1, Duration::ZERO), 1);
+    let writer_svc = svc.clone();
+    let stored = Arc::new(AtomicBool::new(false));
+    let flag = stored.clone();
+    let writer = Arc::new(Mutex::new(None));
+    let w = writer.clone();
+    *armed.lock().unwrap() = Some(Box::new(move || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            assert_eq!(read_blocking(&writer_svc, 2, Duration::ZERO), 2);
+            let _ = tx.send(()); // fails once the probe stopped waiting
+        });
+        flag.store(rx.recv_timeout(5 * S).is_ok(), Ordering::SeqCst);
+        *w.lock().unwrap() = Some(t);
+    }));
+    // The hit, past the 2 s fetch that stored key 1: its draw runs the probe.
+    assert_eq!(read_blocking(&svc, 1, 3 * S), 1);
+    let t = writer.lock().unwrap().take().expect("the probe ran");
+    t.join().unwrap();
+    assert_eq!(up.calls.get(), 2);
+    assert!(
+        stored.load(Ordering::SeqCst),
+        "the store waited for the draw"
+    );
+}

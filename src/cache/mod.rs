@@ -125,7 +125,8 @@
 //! Entries hold their value behind an `Arc` (storing a value allocates it): a read holds
 //! the shard's read lock only to find the entry and clone the `Arc`, and the value's
 //! `Clone` (user code, e.g. an `http::Response`'s header map) runs after the lock is
-//! released, so a store never waits for a clone. Values are cloned before, and replaced
+//! released, as does the XFetch draw of `u` (a read that then starts a refresh takes the
+//! read lock once more to set the entry's flag), so a store never waits for user code. Values are cloned before, and replaced
 //! or evicted values dropped after, the write lock. Keys are hashed with `foldhash` (fast,
 //! seeded per store at random; not a cryptographic hash: the bounded capacity bounds what
 //! colliding keys can cost).

@@ -237,6 +237,8 @@ pub(crate) enum Lookup<R> {
 /// What a read found, decided under the shard lock; the value is cloned after it.
 enum Found {
     Hit(Option<Instant>),
+    /// Fresh, within its XFetch window: expiry, delta, stale-until.
+    Window(Instant, Duration, Instant),
     Stale,
     Fallback(Instant),
     Failed,
@@ -372,15 +374,18 @@ where
     #[inline]
     pub(crate) fn lookup(&self, key: &K, now: Instant) -> Lookup<R> {
         let hash = self.hasher.hash_one(key);
-        let (value, found) = {
+        let (value, mut found) = {
             let shard = self.shard(hash).read();
             let Some(e) = shard.entries.find(hash, |e| e.key == *key) else {
                 return Lookup::Fetch(None);
             };
             let found = match *e.value {
                 Stored::Value(_) if now < e.expiry => {
-                    let early = now >= e.window && self.starts_refresh(e, now);
-                    Found::Hit(early.then_some(e.stale_until))
+                    if now >= e.window && self.may_refresh(e, now) {
+                        Found::Window(e.expiry, e.delta, e.stale_until)
+                    } else {
+                        Found::Hit(None)
+                    }
                 }
                 Stored::Value(_) if now < e.stale_until => {
                     if e.retry_at.is_some_and(|t| now < t) {
@@ -397,24 +402,50 @@ where
             }
             (e.value.clone(), found)
         };
+        if let Found::Window(expiry, delta, until) = found {
+            let early = self.starts_refresh(key, hash, &value, now, expiry, delta);
+            found = Found::Hit(early.then_some(until));
+        }
         match (&*value, found) {
             (Stored::Value(v), Found::Hit(until)) => Lookup::Hit(v.clone(), until),
             (Stored::Value(v), Found::Stale) => Lookup::Stale(v.clone()),
             (Stored::Value(v), Found::Fallback(until)) => Lookup::Fetch(Some((v.clone(), until))),
             (Stored::Failed(f), _) => Lookup::Failed(f.clone()),
-            (Stored::Value(_), Found::Failed) => Lookup::Fetch(None),
+            (Stored::Value(_), Found::Failed | Found::Window(..)) => Lookup::Fetch(None),
         }
     }
 
-    /// XFetch for a read at `now` within the window of fresh entry `e`: exactly one reader
-    /// sets the entry's refresh flag.
+    /// Whether a read at `now` within the XFetch window of fresh entry `e` may start an
+    /// early refresh: none in flight, and not backing off.
+    #[inline]
+    fn may_refresh(&self, e: &Entry<K, R>, now: Instant) -> bool {
+        e.retry_at.is_none_or(|t| now >= t) && !e.refreshing.load(Ordering::Relaxed)
+    }
+
+    /// XFetch for a read at `now` of `value` (expiring at `expiry`, with `delta`), run
+    /// after the shard lock is released (the random source may be user code); when it
+    /// says refresh, exactly one reader sets the flag of the entry, if it still holds
+    /// `value`.
     #[inline(never)]
-    fn starts_refresh(&self, e: &Entry<K, R>, now: Instant) -> bool {
+    fn starts_refresh(
+        &self,
+        key: &K,
+        hash: u64,
+        value: &Arc<Stored<R>>,
+        now: Instant,
+        expiry: Instant,
+        delta: Duration,
+    ) -> bool {
         let s = &self.settings;
-        e.retry_at.is_none_or(|t| now >= t)
-            && !e.refreshing.load(Ordering::Relaxed)
-            && xfetch(now, e.expiry, e.delta, s.beta, &s.random)
-            && !e.refreshing.swap(true, Ordering::AcqRel)
+        xfetch(now, expiry, delta, s.beta, &s.random) && {
+            let shard = self.shard(hash).read();
+            shard
+                .entries
+                .find(hash, |e| e.key == *key)
+                .is_some_and(|e| {
+                    Arc::ptr_eq(&e.value, value) && !e.refreshing.swap(true, Ordering::AcqRel)
+                })
+        }
     }
 
     /// Classifies an upstream result and computes its TTL (user code: run it while the
