@@ -236,12 +236,15 @@ pub(crate) enum Lookup<R> {
 
 /// What a read found, decided under the shard lock; the value is cloned after it.
 enum Found {
-    Hit(Option<Instant>),
+    /// Fresh, no early refresh.
+    Hit,
     /// Fresh, within its XFetch window: expiry, delta, stale-until.
     Window(Instant, Duration, Instant),
     Stale,
     Fallback(Instant),
     Failed,
+    /// Nothing usable.
+    Gone,
 }
 
 /// One shard's entries and its CLOCK hand.
@@ -374,44 +377,73 @@ where
     #[inline]
     pub(crate) fn lookup(&self, key: &K, now: Instant) -> Lookup<R> {
         let hash = self.hasher.hash_one(key);
-        let (value, mut found) = {
+        let (value, found) = {
             let shard = self.shard(hash).read();
             let Some(e) = shard.entries.find(hash, |e| e.key == *key) else {
                 return Lookup::Fetch(None);
             };
-            let found = match *e.value {
-                Stored::Value(_) if now < e.expiry => {
-                    if now >= e.window && self.may_refresh(e, now) {
-                        Found::Window(e.expiry, e.delta, e.stale_until)
-                    } else {
-                        Found::Hit(None)
-                    }
-                }
-                Stored::Value(_) if now < e.stale_until => {
-                    if e.retry_at.is_some_and(|t| now < t) {
-                        Found::Stale
-                    } else {
-                        Found::Fallback(e.stale_until)
-                    }
-                }
-                Stored::Failed(_) if now < e.expiry => Found::Failed,
-                _ => return Lookup::Fetch(None),
-            };
             if !e.referenced.load(Ordering::Relaxed) {
                 e.referenced.store(true, Ordering::Relaxed);
             }
+            // Before its window (never after its expiry), a value is a plain hit.
+            let found = if now < e.window {
+                Found::Hit
+            } else {
+                self.found(e, now)
+            };
             (e.value.clone(), found)
         };
-        if let Found::Window(expiry, delta, until) = found {
-            let early = self.starts_refresh(key, hash, &value, now, expiry, delta);
-            found = Found::Hit(early.then_some(until));
-        }
         match (&*value, found) {
-            (Stored::Value(v), Found::Hit(until)) => Lookup::Hit(v.clone(), until),
+            (Stored::Value(v), Found::Hit) => Lookup::Hit(v.clone(), None),
+            (_, found) => self.found_late(key, hash, &value, found, now),
+        }
+    }
+
+    /// What a read at `now` found in `e`, at or after its window (shard lock held).
+    #[inline(never)]
+    fn found(&self, e: &Entry<K, R>, now: Instant) -> Found {
+        match *e.value {
+            Stored::Value(_) if now < e.expiry => {
+                if self.may_refresh(e, now) {
+                    Found::Window(e.expiry, e.delta, e.stale_until)
+                } else {
+                    Found::Hit
+                }
+            }
+            Stored::Value(_) if now < e.stale_until => {
+                if e.retry_at.is_some_and(|t| now < t) {
+                    Found::Stale
+                } else {
+                    Found::Fallback(e.stale_until)
+                }
+            }
+            Stored::Failed(_) if now < e.expiry => Found::Failed,
+            _ => Found::Gone,
+        }
+    }
+
+    /// The lookup of a read that is not a plain hit, after the shard lock is released:
+    /// XFetch's draw, stale values, remembered failures.
+    #[inline(never)]
+    fn found_late(
+        &self,
+        key: &K,
+        hash: u64,
+        value: &Arc<Stored<R>>,
+        found: Found,
+        now: Instant,
+    ) -> Lookup<R> {
+        match (&**value, found) {
+            (_, Found::Gone) => Lookup::Fetch(None),
+            (Stored::Failed(f), _) => Lookup::Failed(f.clone()),
+            (Stored::Value(v), Found::Window(expiry, delta, until)) => {
+                let early = self.starts_refresh(key, hash, value, now, expiry, delta);
+                Lookup::Hit(v.clone(), early.then_some(until))
+            }
+            (Stored::Value(v), Found::Hit) => Lookup::Hit(v.clone(), None),
             (Stored::Value(v), Found::Stale) => Lookup::Stale(v.clone()),
             (Stored::Value(v), Found::Fallback(until)) => Lookup::Fetch(Some((v.clone(), until))),
-            (Stored::Failed(f), _) => Lookup::Failed(f.clone()),
-            (Stored::Value(_), Found::Failed | Found::Window(..)) => Lookup::Fetch(None),
+            (Stored::Value(_), Found::Failed) => Lookup::Fetch(None),
         }
     }
 
@@ -426,7 +458,6 @@ where
     /// after the shard lock is released (the random source may be user code); when it
     /// says refresh, exactly one reader sets the flag of the entry, if it still holds
     /// `value`.
-    #[inline(never)]
     fn starts_refresh(
         &self,
         key: &K,
