@@ -331,7 +331,7 @@ async fn clones_and_services_of_one_layer_share_the_store() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn capacity_is_bounded_evicting_the_earliest_expiry() {
+async fn capacity_one_keeps_the_newest_key() {
     let up = Up::new(Duration::ZERO);
     let layer = CacheLayer::builder()
         .key(|k: &u64| Some(*k))
@@ -675,4 +675,178 @@ async fn the_largest_durations_and_beta_neither_overflow_nor_panic() {
     assert!(svc.ready().await.unwrap().call(2).await.is_err());
     assert!(svc.ready().await.unwrap().call(2).await.is_err());
     assert_eq!(up.calls.get(), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Capacity and eviction (CLOCK).
+// ---------------------------------------------------------------------------------------
+
+/// One read of key `k`, awaited.
+async fn get(svc: &mut Svc, k: u64) -> u64 {
+    svc.ready().await.unwrap().call(k).await.unwrap()
+}
+
+/// A cache of `max` entries, TTL 1 day, over `up`.
+fn bounded(up: &Up, max: usize) -> (Svc, CacheHandle) {
+    let layer = CacheLayer::builder()
+        .key(key as fn(&u64) -> Option<u64>)
+        .ttl(86_400 * S)
+        .max_entries(max)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    (Svc::new(layer.layer(up.service())), handle)
+}
+
+/// A hot key read between inserts keeps its place while `cold` keys stream through a
+/// cache of `max` entries; each cold key is inserted one second after the previous one,
+/// so the hot key always expires first (an earliest-expiry or FIFO policy evicts it at the
+/// first insert beyond capacity). The entries gauge equals `max` at capacity.
+async fn hot_key_survives(max: usize, cold: u64) {
+    let up = Up::new(Duration::ZERO);
+    let (mut svc, h) = bounded(&up, max);
+    assert_eq!(get(&mut svc, 0).await, 1);
+    for k in 1..=cold {
+        advance(S).await;
+        assert_eq!(get(&mut svc, k).await, k + 1, "cold key {k} misses");
+        assert_eq!(
+            get(&mut svc, 0).await,
+            1,
+            "the hot key hits after cold key {k}"
+        );
+    }
+    assert_eq!(up.calls.get(), cold + 1);
+    assert_eq!(h.snapshot().gauge("entries"), Some(max as f64));
+    assert_eq!(h.snapshot().counter("hits"), Some(cold));
+    // The first cold key was evicted long ago.
+    assert_eq!(get(&mut svc, 1).await, cold + 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hot_key_read_between_inserts_survives_a_wave_of_cold_inserts() {
+    hot_key_survives(4, 100).await;
+}
+
+/// As above with several shards (1,024 entries: up to 16 shards of 64).
+#[tokio::test(start_paused = true)]
+async fn a_hot_key_survives_cold_inserts_across_shards() {
+    hot_key_survives(1_024, 5_000).await;
+}
+
+/// A cache filled to `max_entries` holds every key (none was evicted on the way) and the
+/// gauge says `max_entries`; one more key takes the place of one of them.
+#[tokio::test(start_paused = true)]
+async fn the_capacity_is_exactly_max_entries() {
+    for max in [1usize, 2, 3, 5, 63, 64, 65, 127, 129, 1_000] {
+        let up = Up::new(Duration::ZERO);
+        let (mut svc, h) = bounded(&up, max);
+        for k in 1..=max as u64 {
+            get(&mut svc, k).await;
+        }
+        for k in 1..=max as u64 {
+            assert_eq!(get(&mut svc, k).await, k, "max {max}: key {k} held");
+        }
+        assert_eq!(up.calls.get(), max as u64, "max {max}");
+        assert_eq!(h.snapshot().gauge("entries"), Some(max as f64), "max {max}");
+        assert_eq!(get(&mut svc, 0).await, max as u64 + 1);
+        assert_eq!(
+            get(&mut svc, 0).await,
+            max as u64 + 1,
+            "max {max}: the new key held"
+        );
+        assert_eq!(h.snapshot().gauge("entries"), Some(max as f64), "max {max}");
+    }
+}
+
+/// An entry that can no longer be served goes when the eviction hand reaches it, although
+/// it was read (no second chance), before any read fresh entry: 64 entries (one shard), all
+/// read; key 1 expires (TTL 10 s, no staleness), the others live 1 h. One new key evicts
+/// key 1 and keeps the 63 others.
+#[tokio::test(start_paused = true)]
+async fn an_expired_entry_is_evicted_before_read_fresh_ones() {
+    let up = Up::new(Duration::ZERO);
+    let layer = CacheLayer::builder()
+        .key(key as fn(&u64) -> Option<u64>)
+        .ttl_fn(|n: &u64| Some(if *n == 1 { 10 * S } else { 3_600 * S }))
+        .max_entries(64)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = Svc::new(layer.layer(up.service()));
+    for k in 1..=64 {
+        assert_eq!(get(&mut svc, k).await, k);
+        assert_eq!(get(&mut svc, k).await, k);
+    }
+    advance(11 * S).await;
+    assert_eq!(get(&mut svc, 65).await, 65);
+    for k in 2..=65 {
+        assert_eq!(get(&mut svc, k).await, k, "key {k} held");
+    }
+    assert_eq!(up.calls.get(), 65);
+    assert_eq!(h.snapshot().gauge("entries"), Some(64.0));
+}
+
+/// One read of key `k` on its own paused runtime, `after` it starts (each runtime's clock
+/// starts from the system's).
+fn read_blocking(svc: &Svc, k: u64, after: Duration) -> u64 {
+    let mut svc = svc.clone();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(async move {
+            advance(after).await;
+            get(&mut svc, k).await
+        })
+}
+
+/// The random source is user code: it runs after the shard lock is released, as the
+/// value's `Clone` does. Probe: while a hit draws `u`, another thread stores a key into the
+/// same (single) shard; it completes during the draw. The 5 s bound only ends the wait
+/// when the store is blocked.
+#[test]
+fn a_store_completes_while_a_hit_draws_u() {
+    type Probe = Box<dyn FnOnce() + Send>;
+    let armed: Arc<Mutex<Option<Probe>>> = Arc::default();
+    let a = armed.clone();
+    let up = Up::new(2 * S); // delta 2 s: every read of a 60 s entry draws `u`
+    let layer = CacheLayer::builder()
+        .key(key as fn(&u64) -> Option<u64>)
+        .ttl(60 * S)
+        .max_entries(1) // one shard
+        .random(move || {
+            let probe = a.lock().unwrap().take();
+            if let Some(probe) = probe {
+                probe();
+            }
+            1.0
+        })
+        .build()
+        .unwrap();
+    let svc = Svc::new(layer.layer(up.service()));
+    assert_eq!(read_blocking(&svc, 1, Duration::ZERO), 1);
+    let writer_svc = svc.clone();
+    let stored = Arc::new(AtomicBool::new(false));
+    let flag = stored.clone();
+    let writer = Arc::new(Mutex::new(None));
+    let w = writer.clone();
+    *armed.lock().unwrap() = Some(Box::new(move || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            assert_eq!(read_blocking(&writer_svc, 2, Duration::ZERO), 2);
+            let _ = tx.send(()); // fails once the probe stopped waiting
+        });
+        flag.store(rx.recv_timeout(5 * S).is_ok(), Ordering::SeqCst);
+        *w.lock().unwrap() = Some(t);
+    }));
+    // The hit, past the 2 s fetch that stored key 1: its draw runs the probe.
+    assert_eq!(read_blocking(&svc, 1, 3 * S), 1);
+    let t = writer.lock().unwrap().take().expect("the probe ran");
+    t.join().unwrap();
+    assert_eq!(up.calls.get(), 2);
+    assert!(
+        stored.load(Ordering::SeqCst),
+        "the store waited for the draw"
+    );
 }

@@ -835,7 +835,6 @@ async fn one_entry_capacity_keeps_only_the_last_key() {
 /// `3 / 2 = 1` entry, so it holds at most two entries, and two keys that hash to the same
 /// shard evict each other while the cache is far from full.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: max_entries(n) holds fewer than n keys (per-shard capacity max_entries / shards, rounded down)"]
 async fn max_entries_three_holds_three_keys() {
     let up = Up::new(|_| Step::Ok(0));
     let layer = base().max_entries(3).build().unwrap();
@@ -1350,7 +1349,6 @@ where
 /// stores a key into the same (single) shard; it should complete while the clone runs.
 /// The 5 s bound only ends the wait when the store is blocked.
 #[test]
-#[ignore = "defect: a hit clones the value under the shard read lock (stores into the shard wait for user Clone code)"]
 fn a_store_completes_while_a_hit_clones_its_value() {
     let probe = Arc::new(std::sync::Mutex::new(None));
     let p = probe.clone();

@@ -104,13 +104,32 @@
 //! # Capacity and eviction
 //!
 //! At most [`max_entries`](CacheBuilder::max_entries) entries (default
-//! [`DEFAULT_MAX_ENTRIES`]) per response type. The store has `n` shards (a power of two, at
-//! most four per core and at most `max_entries`), each a `hashbrown` table under a
-//! `parking_lot::RwLock`, holding at most `max_entries / n` entries. Inserting a new key in
-//! a full shard evicts that shard's entry with the earliest expiry (an expired one first,
-//! since it expires earliest): a scan of one shard, on inserts only. Keys are hashed with
-//! `foldhash` (fast, seeded per store at random; not a cryptographic hash: the bounded
-//! shards bound what colliding keys can cost).
+//! [`DEFAULT_MAX_ENTRIES`]) per response type, exactly: a store holds `max_entries` keys
+//! before it evicts any. One count of the entries, written only when a new key is
+//! inserted, bounds the whole store; its `n` shards (a power of two, at most four per
+//! core, and at most one per 64 entries of capacity, so a small cache has one shard) are
+//! `hashbrown` tables under `parking_lot::RwLock`s with no capacity of their own.
+//!
+//! Eviction is CLOCK, or second chance (F. J. Corbató, "A Paging Experiment with the
+//! Multics System", MIT Project MAC, 1968), in each shard: every entry has a reference bit
+//! that a read sets with a relaxed atomic store, and only when it is clear (so a hot
+//! entry's cache line is written once per pass of the hand, not on every hit). A new key
+//! beyond the capacity moves its shard's hand over the table's buckets: an entry read since
+//! the hand last passed loses its bit and stays (its second chance); the first entry not
+//! read since, or no longer servable (past its expiry plus the maximum staleness; even
+//! one read since), is evicted. Keys read between inserts stay while cold keys stream
+//! through; each bit the hand clears was set by a read, so an insert costs O(1) amortised.
+//! When the new key's shard holds no other entry, the next shard holding one evicts
+//! instead (one shard lock at a time).
+//!
+//! Entries hold their value behind an `Arc` (storing a value allocates it): a read holds
+//! the shard's read lock only to find the entry and clone the `Arc`, and the value's
+//! `Clone` (user code, e.g. an `http::Response`'s header map) runs after the lock is
+//! released, as does the XFetch draw of `u` (a read that then starts a refresh takes the
+//! read lock once more to set the entry's flag), so a store never waits for user code. Values are cloned before, and replaced
+//! or evicted values dropped after, the write lock. Keys are hashed with `foldhash` (fast,
+//! seeded per store at random; not a cryptographic hash: the bounded capacity bounds what
+//! colliding keys can cost).
 //!
 //! # Hit path
 //!

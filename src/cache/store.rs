@@ -2,7 +2,7 @@
 
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram};
@@ -197,7 +197,9 @@ enum Stored<R> {
 struct Entry<K, R> {
     hash: u64,
     key: K,
-    value: Stored<R>,
+    /// Shared so that a read holds the shard lock only to clone the `Arc`: the user's
+    /// `Clone` of the value runs after the lock is released.
+    value: Arc<Stored<R>>,
     /// A value: stored-at plus TTL; a failure: until when it is remembered. On tokio's clock.
     expiry: Instant,
     /// From this instant to `expiry`, reads run XFetch (see [`window_start`]).
@@ -208,6 +210,9 @@ struct Entry<K, R> {
     delta: Duration,
     /// An early refresh of this entry is in flight.
     refreshing: AtomicBool,
+    /// CLOCK's reference bit: read since the eviction hand last passed. Set by reads only
+    /// when clear, so a hot entry's cache line is written once per pass of the hand.
+    referenced: AtomicBool,
     /// After a failure: no upstream call for this key before this instant.
     retry_at: Option<Instant>,
 }
@@ -229,14 +234,69 @@ pub(crate) enum Lookup<R> {
     Fetch(Option<Fallback<R>>),
 }
 
+/// What a read found, decided under the shard lock; the value is cloned after it.
+enum Found {
+    /// Fresh, no early refresh.
+    Hit,
+    /// Fresh, within its XFetch window: expiry, delta, stale-until.
+    Window(Instant, Duration, Instant),
+    Stale,
+    Fallback(Instant),
+    Failed,
+    /// Nothing usable.
+    Gone,
+}
+
+/// One shard's entries and its CLOCK hand.
+struct Table<K, R> {
+    entries: HashTable<Entry<K, R>>,
+    /// The bucket index the eviction hand points at (taken modulo the bucket count, so
+    /// a resized table only moves the hand).
+    hand: usize,
+}
+
+impl<K, R> Table<K, R> {
+    /// CLOCK (Corbató, 1968): from the hand, removes the first entry that can no longer be
+    /// served at `now` or that was not read since the hand last passed, clearing the
+    /// reference bit of each read entry it passes (its second chance). Every entry passed
+    /// without removal had its bit set by a read since the last pass, so the work is paid
+    /// for by reads: amortised O(1) per insert (plus empty buckets, at most about one per
+    /// entry at hashbrown's load factor). `None` when the table is empty.
+    fn evict(&mut self, now: Instant) -> Option<Entry<K, R>> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let buckets = self.entries.num_buckets();
+        // After one lap every bit is clear, so a second lap always finds a victim.
+        for _ in 0..=2 * buckets {
+            let i = self.hand % buckets;
+            self.hand = i + 1;
+            let Some(e) = self.entries.get_bucket_mut(i) else {
+                continue;
+            };
+            if now < e.stale_until && std::mem::take(e.referenced.get_mut()) {
+                continue;
+            }
+            return self.entries.get_bucket_entry(i).ok().map(|e| e.remove().0);
+        }
+        None
+    }
+}
+
 #[repr(align(128))]
-struct Shard<K, R>(RwLock<HashTable<Entry<K, R>>>);
+struct Shard<K, R>(RwLock<Table<K, R>>);
+
+/// Shards hold at least this many entries on average (fewer shards for small capacities),
+/// so that CLOCK in each shard sees enough entries to tell hot from cold.
+const MIN_PER_SHARD: usize = 64;
 
 /// The store of one layer for one key type, response type, classifier and TTL policy.
 pub(crate) struct Store<K, R, C, T> {
     shards: Box<[Shard<K, R>]>,
     mask: usize,
-    per_shard: usize,
+    /// Entries held or being inserted; bounded by `settings.max_entries` (written on
+    /// inserts of new keys only).
+    count: AtomicUsize,
     hasher: RandomState,
     pub(crate) settings: Settings,
     pub(crate) instruments: Arc<Instruments>,
@@ -278,16 +338,20 @@ where
     ) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut n = (cores * 4).next_power_of_two().clamp(1, 1024);
-        while n > settings.max_entries {
+        while n > 1 && settings.max_entries / n < MIN_PER_SHARD {
             n /= 2;
         }
-        let n = n.max(1);
         Store {
             shards: (0..n)
-                .map(|_| Shard(RwLock::new(HashTable::new())))
+                .map(|_| {
+                    Shard(RwLock::new(Table {
+                        entries: HashTable::new(),
+                        hand: 0,
+                    }))
+                })
                 .collect(),
             mask: n - 1,
-            per_shard: settings.max_entries / n,
+            count: AtomicUsize::new(0),
             hasher: RandomState::default(),
             settings,
             instruments,
@@ -297,45 +361,122 @@ where
     }
 
     #[inline]
-    fn shard(&self, hash: u64) -> &RwLock<HashTable<Entry<K, R>>> {
-        &self.shards[(hash >> 32) as usize & self.mask].0
+    fn shard_index(&self, hash: u64) -> usize {
+        (hash >> 32) as usize & self.mask
     }
 
-    /// A read at `now` (shard read lock; clones the value). A fresh entry before its XFetch
-    /// window costs two comparisons beyond the lookup.
+    #[inline]
+    fn shard(&self, hash: u64) -> &RwLock<Table<K, R>> {
+        &self.shards[self.shard_index(hash)].0
+    }
+
+    /// A read at `now`: under the shard read lock, the entry is found, its reference bit
+    /// set (when clear) and its `Arc` cloned; the value is cloned after the lock is
+    /// released. A fresh entry before its XFetch window costs one comparison beyond the
+    /// lookup (its window never opens after its expiry).
     #[inline]
     pub(crate) fn lookup(&self, key: &K, now: Instant) -> Lookup<R> {
         let hash = self.hasher.hash_one(key);
-        let shard = self.shard(hash).read();
-        let Some(e) = shard.find(hash, |e| e.key == *key) else {
-            return Lookup::Fetch(None);
+        let (value, found) = {
+            let shard = self.shard(hash).read();
+            let Some(e) = shard.entries.find(hash, |e| e.key == *key) else {
+                return Lookup::Fetch(None);
+            };
+            if !e.referenced.load(Ordering::Relaxed) {
+                e.referenced.store(true, Ordering::Relaxed);
+            }
+            // Before its window (never after its expiry), a value is a plain hit.
+            let found = if now < e.window {
+                Found::Hit
+            } else {
+                self.found(e, now)
+            };
+            (e.value.clone(), found)
         };
-        match &e.value {
-            Stored::Value(v) if now < e.expiry => {
-                let early = now >= e.window && self.starts_refresh(e, now);
-                Lookup::Hit(v.clone(), early.then_some(e.stale_until))
-            }
-            Stored::Value(v) if now < e.stale_until => {
-                if e.retry_at.is_some_and(|t| now < t) {
-                    Lookup::Stale(v.clone())
-                } else {
-                    Lookup::Fetch(Some((v.clone(), e.stale_until)))
-                }
-            }
-            Stored::Failed(f) if now < e.expiry => Lookup::Failed(f.clone()),
-            _ => Lookup::Fetch(None),
+        match (&*value, found) {
+            (Stored::Value(v), Found::Hit) => Lookup::Hit(v.clone(), None),
+            (_, found) => self.found_late(key, hash, &value, found, now),
         }
     }
 
-    /// XFetch for a read at `now` within the window of fresh entry `e`: exactly one reader
-    /// sets the entry's refresh flag.
+    /// What a read at `now` found in `e`, at or after its window (shard lock held).
     #[inline(never)]
-    fn starts_refresh(&self, e: &Entry<K, R>, now: Instant) -> bool {
+    fn found(&self, e: &Entry<K, R>, now: Instant) -> Found {
+        match *e.value {
+            Stored::Value(_) if now < e.expiry => {
+                if self.may_refresh(e, now) {
+                    Found::Window(e.expiry, e.delta, e.stale_until)
+                } else {
+                    Found::Hit
+                }
+            }
+            Stored::Value(_) if now < e.stale_until => {
+                if e.retry_at.is_some_and(|t| now < t) {
+                    Found::Stale
+                } else {
+                    Found::Fallback(e.stale_until)
+                }
+            }
+            Stored::Failed(_) if now < e.expiry => Found::Failed,
+            _ => Found::Gone,
+        }
+    }
+
+    /// The lookup of a read that is not a plain hit, after the shard lock is released:
+    /// XFetch's draw, stale values, remembered failures.
+    #[inline(never)]
+    fn found_late(
+        &self,
+        key: &K,
+        hash: u64,
+        value: &Arc<Stored<R>>,
+        found: Found,
+        now: Instant,
+    ) -> Lookup<R> {
+        match (&**value, found) {
+            (_, Found::Gone) => Lookup::Fetch(None),
+            (Stored::Failed(f), _) => Lookup::Failed(f.clone()),
+            (Stored::Value(v), Found::Window(expiry, delta, until)) => {
+                let early = self.starts_refresh(key, hash, value, now, expiry, delta);
+                Lookup::Hit(v.clone(), early.then_some(until))
+            }
+            (Stored::Value(v), Found::Hit) => Lookup::Hit(v.clone(), None),
+            (Stored::Value(v), Found::Stale) => Lookup::Stale(v.clone()),
+            (Stored::Value(v), Found::Fallback(until)) => Lookup::Fetch(Some((v.clone(), until))),
+            (Stored::Value(_), Found::Failed) => Lookup::Fetch(None),
+        }
+    }
+
+    /// Whether a read at `now` within the XFetch window of fresh entry `e` may start an
+    /// early refresh: none in flight, and not backing off.
+    #[inline]
+    fn may_refresh(&self, e: &Entry<K, R>, now: Instant) -> bool {
+        e.retry_at.is_none_or(|t| now >= t) && !e.refreshing.load(Ordering::Relaxed)
+    }
+
+    /// XFetch for a read at `now` of `value` (expiring at `expiry`, with `delta`), run
+    /// after the shard lock is released (the random source may be user code); when it
+    /// says refresh, exactly one reader sets the flag of the entry, if it still holds
+    /// `value`.
+    fn starts_refresh(
+        &self,
+        key: &K,
+        hash: u64,
+        value: &Arc<Stored<R>>,
+        now: Instant,
+        expiry: Instant,
+        delta: Duration,
+    ) -> bool {
         let s = &self.settings;
-        e.retry_at.is_none_or(|t| now >= t)
-            && !e.refreshing.load(Ordering::Relaxed)
-            && xfetch(now, e.expiry, e.delta, s.beta, &s.random)
-            && !e.refreshing.swap(true, Ordering::AcqRel)
+        xfetch(now, expiry, delta, s.beta, &s.random) && {
+            let shard = self.shard(hash).read();
+            shard
+                .entries
+                .find(hash, |e| e.key == *key)
+                .is_some_and(|e| {
+                    Arc::ptr_eq(&e.value, value) && !e.refreshing.swap(true, Ordering::AcqRel)
+                })
+        }
     }
 
     /// Classifies an upstream result and computes its TTL (user code: run it while the
@@ -362,26 +503,24 @@ where
             h.record(delta.as_secs_f64());
         }
         let hash = self.hasher.hash_one(&key);
-        let mut shard = self.shard(hash).write();
         let (Some(ttl), Ok(value)) = (verdict.ttl, res) else {
-            if let Some(e) = shard.find_mut(hash, |e| e.key == key) {
-                e.refreshing.store(false, Ordering::Relaxed);
-            }
-            return;
+            return self.end_refresh(&key);
         };
         let expiry = later(now, ttl);
         let entry = Entry {
             hash,
             key,
-            value: Stored::Value(value.clone()),
+            // Cloned before the lock is taken.
+            value: Arc::new(Stored::Value(value.clone())),
             expiry,
             window: window_start(now, expiry, delta, self.settings.beta),
             stale_until: later(expiry, self.settings.max_staleness),
             delta,
             refreshing: AtomicBool::new(false),
+            referenced: AtomicBool::new(false),
             retry_at: None,
         };
-        self.put(shard, entry);
+        self.put(self.shard(hash).write(), entry, now);
     }
 
     /// A failed computation: the failure is counted, the stored value kept (and, while it
@@ -391,64 +530,76 @@ where
         self.instruments.refresh_failed();
         let s = &self.settings;
         let until = s.negative_ttl.map(|ttl| later(now, ttl));
+        // The failure to remember is cloned before the lock is taken.
+        let remembered = until.map(|_| Arc::new(Stored::Failed(res.clone())));
         let hash = self.hasher.hash_one(&key);
         let mut shard = self.shard(hash).write();
-        if let Some(e) = shard.find_mut(hash, |e| e.key == key) {
+        if let Some(e) = shard.entries.find_mut(hash, |e| e.key == key) {
             e.refreshing.store(false, Ordering::Relaxed);
             e.retry_at = Some(later(now, s.stale_retry_interval));
-            let servable = matches!(e.value, Stored::Value(_)) && now < e.stale_until;
-            if let (false, Some(until)) = (servable, until) {
-                e.value = Stored::Failed(res.clone());
+            let servable = matches!(*e.value, Stored::Value(_)) && now < e.stale_until;
+            let mut old = None;
+            if let (false, Some(until), Some(failed)) = (servable, until, remembered) {
+                old = Some(std::mem::replace(&mut e.value, failed));
                 (e.expiry, e.window, e.stale_until) = (until, until, until);
             }
-            return;
+            drop(shard);
+            // The replaced value is dropped (user code) after the lock is released.
+            return drop(old);
         }
-        let Some(until) = until else { return };
+        let (Some(until), Some(value)) = (until, remembered) else {
+            return;
+        };
         let entry = Entry {
             hash,
             key,
-            value: Stored::Failed(res.clone()),
+            value,
             expiry: until,
             window: until,
             stale_until: until,
             delta: Duration::ZERO,
             refreshing: AtomicBool::new(false),
+            referenced: AtomicBool::new(false),
             retry_at: None,
         };
-        self.put(shard, entry);
+        self.put(shard, entry, now);
     }
 
-    /// Stores `entry` in its shard (locked), replacing the entry of its key or, in a full
-    /// shard, evicting the entry that expires first.
-    fn put(&self, mut shard: RwLockWriteGuard<'_, HashTable<Entry<K, R>>>, entry: Entry<K, R>) {
+    /// Stores `entry` in its shard (`shard`, write-locked by the caller), replacing the
+    /// entry of its key; a new key beyond `max_entries`
+    /// evicts one entry by CLOCK ([`Table::evict`]) from its own shard or, when that shard
+    /// holds nothing else, from the next shard that holds an entry (one lock at a time).
+    /// Replaced and evicted entries are dropped after the locks are released.
+    fn put(&self, mut shard: RwLockWriteGuard<'_, Table<K, R>>, entry: Entry<K, R>, now: Instant) {
         let hash = entry.hash;
-        if let Some(e) = shard.find_mut(hash, |e| e.key == entry.key) {
-            *e = entry;
-            return;
+        if let Some(e) = shard.entries.find_mut(hash, |e| e.key == entry.key) {
+            let old = std::mem::replace(e, entry);
+            drop(shard);
+            return drop(old);
         }
-        let mut added = 1;
-        if shard.len() >= self.per_shard {
-            // Evict the entry that expires first (an expired one, when there is one).
-            let victim = shard.iter().map(|e| (e.expiry, e.hash)).min_by_key(|v| v.0);
-            if let Some((expiry, h)) = victim {
-                if let Ok(found) = shard.find_entry(h, |e| e.expiry == expiry && e.hash == h) {
-                    found.remove();
-                    added = 0;
-                }
-            }
-        }
-        shard.insert_unique(hash, entry, |e| e.hash);
+        let full = self.count.fetch_add(1, Ordering::Relaxed) >= self.settings.max_entries;
+        let mut evicted = if full { shard.evict(now) } else { None };
+        shard.entries.insert_unique(hash, entry, |e| e.hash);
         drop(shard);
-        if added != 0 {
-            self.instruments.entries(added);
+        if full && evicted.is_none() {
+            let own = self.shard_index(hash);
+            evicted = (1..=self.shards.len())
+                .find_map(|i| self.shards[(own + i) & self.mask].0.write().evict(now));
         }
+        if evicted.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.instruments.entries(1);
+        }
+        drop(evicted);
     }
 
     /// Clears the refresh flag of `key`'s entry: a refresh that ended without recording a
     /// result (its upstream call panicked, or it was dropped unfinished).
     pub(crate) fn end_refresh(&self, key: &K) {
         let hash = self.hasher.hash_one(key);
-        if let Some(e) = self.shard(hash).write().find_mut(hash, |e| e.key == *key) {
+        let shard = self.shard(hash).read();
+        if let Some(e) = shard.entries.find(hash, |e| e.key == *key) {
             e.refreshing.store(false, Ordering::Relaxed);
         }
     }
@@ -456,94 +607,9 @@ where
     /// Entries held now (locks each shard in turn; not for the hot path).
     #[allow(dead_code)]
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.read().len()).sum()
+        self.shards.iter().map(|s| s.0.read().entries.len()).sum()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// With the seeded default source, the per-read refresh frequency at remaining time `r`
-    /// matches `exp(-r / (beta * delta))` within 5 binomial standard deviations
-    /// (`5 * sqrt(p (1 - p) / n)`, n = 20,000 reads per point; a false failure has
-    /// probability below 1e-6 per point).
-    #[test]
-    fn refresh_frequency_matches_exp_minus_r_over_beta_delta() {
-        let delta = Duration::from_secs(2);
-        let expiry = Instant::now() + Duration::from_secs(100);
-        let n = 20_000u32;
-        for beta in [1.0, 2.0] {
-            let random = splitmix(42);
-            for r_ms in [250u64, 1_000, 2_000, 4_000, 8_000] {
-                let now = expiry - Duration::from_millis(r_ms);
-                let hits = (0..n)
-                    .filter(|_| xfetch(now, expiry, delta, beta, &random))
-                    .count() as f64;
-                let p = (-(r_ms as f64 / 1000.0) / (beta * 2.0)).exp();
-                let tol = 5.0 * (p * (1.0 - p) / n as f64).sqrt();
-                let freq = hits / n as f64;
-                assert!(
-                    (freq - p).abs() <= tol,
-                    "beta {beta}, r {r_ms} ms: {freq} vs {p} ± {tol}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn u_is_in_the_half_open_unit_interval_and_seeded_sources_repeat() {
-        let (a, b) = (splitmix(7), splitmix(7));
-        for _ in 0..10_000 {
-            let u = a();
-            assert!(u > 0.0 && u <= 1.0);
-            assert_eq!(u.to_bits(), b().to_bits());
-        }
-    }
-
-    /// The precomputed window never skips a read that some `u` could refresh: with the
-    /// smallest positive `u` (-ln u = 744.4), a read 744 * beta * delta before expiry
-    /// refreshes, and it lies inside the window; 746 * beta * delta before, nothing can, and
-    /// the window opens about there.
-    #[test]
-    fn the_window_holds_every_read_that_could_refresh() {
-        let tiny: RandomFn = Arc::new(|| f64::from_bits(1));
-        let stored = Instant::now();
-        let delta = Duration::from_millis(1_500);
-        for beta in [0.001, 1.0, 3.0] {
-            let scale = delta.mul_f64(beta);
-            let expiry = stored + scale * 1_000;
-            let window = window_start(stored, expiry, delta, beta);
-            let could = expiry - scale * 744;
-            assert!(window <= could, "beta {beta}");
-            assert!(xfetch(could, expiry, delta, beta, &tiny), "beta {beta}");
-            let never = expiry - scale * 746;
-            assert!(!xfetch(never, expiry, delta, beta, &tiny), "beta {beta}");
-            assert!(
-                window > expiry - scale * 747,
-                "beta {beta}: not needlessly early"
-            );
-        }
-        // A window longer than the entry's life opens when it was stored.
-        let expiry = stored + Duration::from_secs(10);
-        assert_eq!(window_start(stored, expiry, delta, 1.0), stored);
-        assert_eq!(window_start(stored, expiry, Duration::ZERO, 1.0), expiry);
-    }
-
-    #[test]
-    fn far_from_expiry_or_zero_delta_draws_nothing() {
-        let drawn = Arc::new(AtomicU64::new(0));
-        let d = drawn.clone();
-        let random: RandomFn = Arc::new(move || {
-            d.fetch_add(1, Ordering::Relaxed);
-            f64::MIN_POSITIVE
-        });
-        let expiry = Instant::now() + Duration::from_secs(1_000);
-        let now = Instant::now();
-        assert!(!xfetch(now, expiry, Duration::from_secs(1), 1.0, &random));
-        assert!(!xfetch(now, expiry, Duration::ZERO, 1.0, &random));
-        assert_eq!(drawn.load(Ordering::Relaxed), 0);
-        assert!(xfetch(now, expiry, Duration::from_secs(2), 1.0, &random));
-        assert_eq!(drawn.load(Ordering::Relaxed), 1);
-    }
-}
+mod tests;
