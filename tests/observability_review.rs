@@ -742,3 +742,79 @@ fn handle_transitions_reach_tracing_at_their_levels() {
         ]
     );
 }
+
+/// The dashboard's queries read each metric the way its kind asks: counters only through
+/// `rate` or `increase`, gauges and summaries never rated, summaries by `quantile`, every
+/// selector filtered by the `name` variable (per dependency); the breaker state has a
+/// state timeline.
+#[test]
+fn dashboard_queries_read_each_metric_by_its_kind_per_dependency() {
+    use tower_breakwater::metrics::MetricKind;
+    use tower_breakwater::metrics::names::ALL;
+
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dashboards/tower-breakwater.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut read = Vec::new();
+    let mut timeline = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut at = 0;
+            while let Some(i) = expr[at..].find("breakwater_").map(|i| i + at) {
+                let end = expr[i..]
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .map_or(expr.len(), |e| e + i);
+                let name = &expr[i..end];
+                let kind = ALL.iter().find(|s| s.name == name).unwrap().kind;
+                let rated = expr[..i].ends_with("rate(") || expr[..i].ends_with("increase(");
+                let selector = &expr[end..end + expr[end..].find('}').unwrap() + 1];
+                assert!(selector.starts_with("{name=~\"$name\""), "{expr}");
+                let quantile = selector.contains("quantile=");
+                assert_eq!(
+                    (rated, quantile),
+                    (kind == MetricKind::Counter, kind == MetricKind::Histogram),
+                    "{expr}"
+                );
+                read.push(name);
+                if panel["type"] == "state-timeline" {
+                    timeline.push(name);
+                }
+                at = end;
+            }
+        }
+    }
+    assert_eq!(timeline, ["breakwater_circuit_breaker_state"]);
+    read.sort();
+    read.dedup();
+    assert_eq!(read.len(), ALL.len(), "every metric has a panel");
+}
+
+/// The time-in-state counter is brought up to date at transitions and snapshots only (as
+/// documented): a breaker forced open for a minute shows no forced-open time until a snapshot
+/// (a `/debug/resilience` request) or its next transition.
+#[tokio::test(start_paused = true)]
+async fn time_in_a_held_state_shows_at_the_next_snapshot_or_transition() {
+    let rec = TestRecorder::default();
+    let handle = rec
+        .install_while(|| small_breaker().name("held").build())
+        .unwrap()
+        .handle();
+    let ms = |state| {
+        rec.counter(
+            "breakwater_circuit_breaker_state_milliseconds_total",
+            &[("name", "held"), ("state", state)],
+        )
+    };
+    handle.force_open();
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(ms("forced_open"), Some(0));
+    let _ = handle.snapshot();
+    assert_eq!(ms("forced_open"), Some(60_000));
+    tokio::time::advance(Duration::from_millis(1_500)).await;
+    handle.reset();
+    assert_eq!((ms("forced_open"), ms("closed")), (Some(61_500), Some(0)));
+}
