@@ -71,6 +71,20 @@ pub(super) struct Ticket {
     pub(super) probe: bool,
 }
 
+/// Undoes an admission whose caller never received it (see `Shared::admit_slow`).
+struct Undo<'a> {
+    shared: &'a Shared,
+    ticket: Option<Ticket>,
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.shared.cancel(t, None);
+        }
+    }
+}
+
 /// Probe bookkeeping of one half-open period.
 #[derive(Debug, Default, Clone, Copy)]
 struct Probes {
@@ -271,7 +285,14 @@ impl Shared {
                 }
             }
         };
+        // A listener panicking on a transition must not keep the slot just taken: the
+        // caller's guard does not exist yet, so the admission is undone here on unwind.
+        let undo = Undo {
+            shared: self,
+            ticket: result.ok(),
+        };
         self.emit(out);
+        std::mem::forget(undo);
         result
     }
 

@@ -67,10 +67,13 @@ impl Metrics {
         }
     }
 
+    /// Every other state's series goes to 0 before the current one goes to 1, so a scrape
+    /// between the writes never sees two states at 1 (at most none, for an instant).
     pub(super) fn set_state(&self, current: State) {
-        for s in State::ALL {
-            self.state[s.index()].set(if s == current { 1.0 } else { 0.0 });
+        for s in State::ALL.into_iter().filter(|&s| s != current) {
+            self.state[s.index()].set(0.0);
         }
+        self.state[current.index()].set(1.0);
     }
 
     pub(super) fn set_rates(&self, t: &Totals) {

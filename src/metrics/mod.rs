@@ -137,7 +137,7 @@ impl Registrar {
         &self,
         spec: &MetricSpec,
         labels: &[(&'static str, &'static str)],
-    ) -> Option<(&'static str, Key, f64)> {
+    ) -> Option<(&'static str, Key, f64, &'static str)> {
         debug_assert_eq!(
             labels.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
             spec.labels,
@@ -151,10 +151,16 @@ impl Registrar {
             MetricsProfile::Resilience4j => match resilience4j::translate(spec, labels) {
                 Translation::Keep => Some(self.native(spec, labels, name_label)),
                 Translation::Skip => None,
-                Translation::Rename { name, label, scale } => {
+                Translation::Rename {
+                    name,
+                    label,
+                    scale,
+                    help,
+                } => {
                     let mut all = vec![name_label];
                     all.extend(label.map(|(k, v)| Label::new(k, v)));
-                    Some((name, Key::from_parts(name, all), scale))
+                    let help = help.unwrap_or(spec.description);
+                    Some((name, Key::from_parts(name, all), scale, help))
                 }
             },
         }
@@ -165,11 +171,16 @@ impl Registrar {
         spec: &MetricSpec,
         labels: &[(&'static str, &'static str)],
         name_label: Label,
-    ) -> (&'static str, Key, f64) {
+    ) -> (&'static str, Key, f64, &'static str) {
         let mut all = Vec::with_capacity(labels.len() + 1);
         all.push(name_label);
         all.extend(labels.iter().map(|(k, v)| Label::new(*k, *v)));
-        (spec.name, Key::from_parts(spec.name, all), 1.0)
+        (
+            spec.name,
+            Key::from_parts(spec.name, all),
+            1.0,
+            spec.description,
+        )
     }
 
     /// A counter for `spec` with the given extra labels (in the order of `spec.labels`).
@@ -178,11 +189,11 @@ impl Registrar {
         spec: &'static MetricSpec,
         labels: &[(&'static str, &'static str)],
     ) -> Counter {
-        let Some((name, key, _)) = self.resolve(spec, labels) else {
+        let Some((name, key, _, help)) = self.resolve(spec, labels) else {
             return Counter::noop();
         };
         ::metrics::with_recorder(|r| {
-            r.describe_counter(name.into(), Some(spec.unit), spec.description.into());
+            r.describe_counter(name.into(), Some(spec.unit), help.into());
             r.register_counter(&key, &METADATA)
         })
     }
@@ -193,7 +204,7 @@ impl Registrar {
         spec: &'static MetricSpec,
         labels: &[(&'static str, &'static str)],
     ) -> Gauge {
-        let Some((name, key, scale)) = self.resolve(spec, labels) else {
+        let Some((name, key, scale, help)) = self.resolve(spec, labels) else {
             return Gauge::noop();
         };
         // A ratio scaled by 100 is a percentage.
@@ -203,7 +214,7 @@ impl Registrar {
             spec.unit
         };
         let gauge = ::metrics::with_recorder(|r| {
-            r.describe_gauge(name.into(), Some(unit), spec.description.into());
+            r.describe_gauge(name.into(), Some(unit), help.into());
             r.register_gauge(&key, &METADATA)
         });
         if scale == 1.0 {
@@ -222,11 +233,11 @@ impl Registrar {
         spec: &'static MetricSpec,
         labels: &[(&'static str, &'static str)],
     ) -> Histogram {
-        let Some((name, key, _)) = self.resolve(spec, labels) else {
+        let Some((name, key, _, help)) = self.resolve(spec, labels) else {
             return Histogram::noop();
         };
         ::metrics::with_recorder(|r| {
-            r.describe_histogram(name.into(), Some(spec.unit), spec.description.into());
+            r.describe_histogram(name.into(), Some(spec.unit), help.into());
             r.register_histogram(&key, &METADATA)
         })
     }

@@ -32,11 +32,13 @@ pub(crate) enum Translation {
     Keep,
     /// Not emitted (a no-op handle).
     Skip,
-    /// Emitted as `name` with at most one label, values multiplied by `scale`.
+    /// Emitted as `name` with at most one label, values multiplied by `scale`, described by
+    /// `help` (the native description when `None`).
     Rename {
         name: &'static str,
         label: Option<(&'static str, &'static str)>,
         scale: f64,
+        help: Option<&'static str>,
     },
 }
 
@@ -45,6 +47,7 @@ const fn rename(name: &'static str, label: Option<(&'static str, &'static str)>)
         name,
         label,
         scale: 1.0,
+        help: None,
     }
 }
 
@@ -55,6 +58,10 @@ fn kind(outcome: &str) -> &'static str {
         _ => "failed",
     }
 }
+
+/// The description of `resilience4j_timelimiter_calls_total` (its labels differ from ours).
+const TIMELIMITER_HELP: &str =
+    "Calls through the time limiter by kind: successful, failed, timeout.";
 
 /// The translation of `spec` with extra `labels` (in the spec's order).
 pub(crate) fn translate(spec: &MetricSpec, labels: &[(&'static str, &'static str)]) -> Translation {
@@ -67,7 +74,12 @@ pub(crate) fn translate(spec: &MetricSpec, labels: &[(&'static str, &'static str
                 kind(first)
             };
             let kind = if kind == "ignored" { "failed" } else { kind };
-            rename("resilience4j_timelimiter_calls_total", Some(("kind", kind)))
+            Translation::Rename {
+                name: "resilience4j_timelimiter_calls_total",
+                label: Some(("kind", kind)),
+                scale: 1.0,
+                help: Some(TIMELIMITER_HELP),
+            }
         }
         n if n == CIRCUIT_BREAKER_STATE.name => {
             rename("resilience4j_circuitbreaker_state", Some(("state", first)))
@@ -87,11 +99,13 @@ pub(crate) fn translate(spec: &MetricSpec, labels: &[(&'static str, &'static str
             name: "resilience4j_circuitbreaker_failure_rate",
             label: None,
             scale: 100.0,
+            help: Some("Failure rate of the calls in the sliding window, in percent (0 to 100)."),
         },
         n if n == CIRCUIT_BREAKER_SLOW_CALL_RATE.name => Translation::Rename {
             name: "resilience4j_circuitbreaker_slow_call_rate",
             label: None,
             scale: 100.0,
+            help: Some("Slow-call rate of the calls in the sliding window, in percent (0 to 100)."),
         },
         n if n == BULKHEAD_AVAILABLE.name => {
             rename("resilience4j_bulkhead_available_concurrent_calls", None)
@@ -122,7 +136,12 @@ mod tests {
     #[test]
     fn timeout_outcomes_map_to_timelimiter_kinds() {
         let t = |o| translate(&TIMEOUT_CALLS, &[("outcome", o)]);
-        let r = |k| rename("resilience4j_timelimiter_calls_total", Some(("kind", k)));
+        let r = |k| Translation::Rename {
+            name: "resilience4j_timelimiter_calls_total",
+            label: Some(("kind", k)),
+            scale: 1.0,
+            help: Some(TIMELIMITER_HELP),
+        };
         assert_eq!(t("success"), r("successful"));
         assert_eq!(t("failure"), r("failed"));
         assert_eq!(t("ignored"), r("failed"));
