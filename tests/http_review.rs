@@ -962,8 +962,8 @@ async fn a_custom_failure_set_decides_what_opens_it_and_what_can_hold_it() {
         .failure_status(StatusCode::NOT_FOUND);
     let cb = breaker(&TestRecorder::default(), |b| {
         b.sliding_window(SlidingWindow::consecutive_failures(1))
-            .retry_after_hold(secs(120))
             .classifier(classifier)
+            .retry_after_hold(secs(120))
     });
     let h = cb.handle();
     let svc = cb.layer(Upstream::default().service());
