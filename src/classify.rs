@@ -87,6 +87,60 @@ pub trait Classify<Res>: Clone + Send + Sync + 'static {
     }
 }
 
+/// A classifier whose [`Classify::retry_after`] reports the delay a result asks for (for
+/// HTTP, the `Retry-After` of a `429` or `503` response), as a circuit breaker's
+/// [`retry_after_hold`](crate::circuit_breaker::CircuitBreakerBuilder::retry_after_hold)
+/// requires: with a classifier that never reports one, the hold could never hold anything,
+/// so turning it on is a compile-time error rather than a setting that silently does
+/// nothing.
+///
+/// A marker with no methods. Implemented by [`HttpClassifier`](crate::http::HttpClassifier);
+/// not by [`DefaultClassifier`] nor by [`classify_fn`] classifiers (whose `retry_after` is
+/// always `None`). Implement it for a classifier of your own that overrides
+/// [`Classify::retry_after`].
+///
+/// ```
+/// # #[cfg(feature = "circuit-breaker")] {
+/// use std::time::Duration;
+/// use tower_breakwater::BoxError;
+/// use tower_breakwater::circuit_breaker::CircuitBreakerLayer;
+/// use tower_breakwater::classify::{Classify, DefaultClassifier, Outcome, ReadsRetryAfter};
+///
+/// /// Replies carry the seconds to wait when the dependency is overloaded.
+/// struct Reply { overloaded_for: Option<u64> }
+///
+/// #[derive(Clone)]
+/// struct Backpressure;
+///
+/// impl Classify<Reply> for Backpressure {
+///     fn classify(&self, r: Result<&Reply, &BoxError>) -> Outcome {
+///         match r {
+///             Ok(reply) if reply.overloaded_for.is_some() => Outcome::Failure,
+///             Ok(_) => Outcome::Success,
+///             Err(e) => DefaultClassifier.classify_error(e),
+///         }
+///     }
+///     fn retry_after(&self, r: Result<&Reply, &BoxError>) -> Option<Duration> {
+///         r.ok()?.overloaded_for.map(Duration::from_secs)
+///     }
+/// }
+///
+/// impl ReadsRetryAfter for Backpressure {}
+///
+/// let layer = CircuitBreakerLayer::builder()
+///     .classifier(Backpressure)
+///     .retry_after_hold(Duration::from_secs(600))
+///     .build();
+/// assert!(layer.is_ok());
+/// # }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` never reports a Retry-After delay, so a Retry-After hold would never hold",
+    label = "the classifier set when `.retry_after_hold(..)` is called",
+    note = "set a classifier that reads it first, e.g. `.classifier(HttpClassifier::new()).retry_after_hold(max)`; a classifier of your own that overrides `Classify::retry_after` implements `ReadsRetryAfter`"
+)]
+pub trait ReadsRetryAfter {}
+
 /// The default classifier: `Ok` is [`Outcome::Success`]; an error is [`Outcome::Failure`],
 /// except rejections by our own layers, which are [`Outcome::Ignored`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -664,8 +664,8 @@ mod circuit_breaker_retry_after {
     fn closed_happy_path_with_the_hold_on_allocates_nothing() {
         let rt = runtime();
         let layer = CircuitBreakerLayer::builder()
-            .retry_after_hold(Duration::from_secs(600))
             .classifier(HttpClassifier::new())
+            .retry_after_hold(Duration::from_secs(600))
             .build()
             .unwrap();
         let inner = tower::service_fn(|status: u16| {

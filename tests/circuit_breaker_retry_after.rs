@@ -11,7 +11,7 @@ use http::Response;
 use http::header::RETRY_AFTER;
 use support::{Count, TestRecorder};
 use tokio::time::{Instant, advance};
-use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_breakwater::circuit_breaker::{
     CircuitBreakerBuilder, CircuitBreakerHandle, CircuitBreakerLayer, SlidingWindow, State,
 };
@@ -481,7 +481,11 @@ async fn a_hold_is_one_open_period_in_the_state_metrics() {
 
 #[test]
 fn invalid_hold_configurations_are_config_errors_naming_the_field() {
-    let b = || CircuitBreakerLayer::builder().wait_in_open(WAIT);
+    let b = || {
+        CircuitBreakerLayer::builder()
+            .wait_in_open(WAIT)
+            .classifier(HttpClassifier::new())
+    };
     for bad in [Duration::ZERO, ms(4_999)] {
         let e: ConfigError = b().retry_after_hold(bad).build().unwrap_err();
         assert_eq!(e.layer(), LayerKind::CircuitBreaker);
@@ -489,4 +493,64 @@ fn invalid_hold_configurations_are_config_errors_naming_the_field() {
     }
     assert!(b().retry_after_hold(WAIT).build().is_ok());
     assert!(b().retry_after_hold(Duration::MAX).build().is_ok());
+}
+
+/// A classifier of one's own that reports a delay (and says so with `ReadsRetryAfter`) turns
+/// the hold on for any response type; with one that does not, `.retry_after_hold(..)` does
+/// not compile (the doc test of `retry_after_hold`).
+#[tokio::test(start_paused = true)]
+async fn a_classifier_of_ones_own_that_reports_a_delay_holds_the_breaker() {
+    use tower_breakwater::classify::{Classify, DefaultClassifier, Outcome, ReadsRetryAfter};
+
+    /// `Some(seconds)`: overloaded, come back after that long.
+    #[derive(Clone)]
+    struct Overload;
+    impl Classify<Option<u64>> for Overload {
+        fn classify(&self, r: Result<&Option<u64>, &BoxError>) -> Outcome {
+            match r {
+                Ok(Some(_)) => Outcome::Failure,
+                Ok(None) => Outcome::Success,
+                Err(e) => DefaultClassifier.classify_error(e),
+            }
+        }
+        fn retry_after(&self, r: Result<&Option<u64>, &BoxError>) -> Option<Duration> {
+            r.ok().copied().flatten().map(Duration::from_secs)
+        }
+    }
+    impl ReadsRetryAfter for Overload {}
+
+    let layer = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::consecutive_failures(1))
+        .wait_in_open(WAIT)
+        .classifier(Overload)
+        .retry_after_hold(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let calls = Count::default();
+    let seen = calls.clone();
+    let svc = layer.layer(service_fn(move |overloaded_for: Option<u64>| {
+        seen.incr();
+        async move { Ok::<_, BoxError>(overloaded_for) }
+    }));
+    assert_eq!(svc.clone().oneshot(Some(30)).await.unwrap(), Some(30));
+    assert_eq!(handle.state(), State::Open);
+    advance(Duration::from_secs(29)).await;
+    let err = svc.clone().oneshot(None).await.unwrap_err();
+    assert_eq!(
+        error::find(&*err).map(|e| e.kind()),
+        Some(ErrorKind::CircuitOpen)
+    );
+    assert_eq!(
+        (handle.state(), calls.get()),
+        (State::Open, 1),
+        "held past the wait"
+    );
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(svc.clone().oneshot(None).await.unwrap(), None);
+    assert_eq!(
+        (handle.state(), calls.get()),
+        (State::HalfOpen, 2),
+        "the probe ran"
+    );
 }

@@ -8,7 +8,7 @@ use super::metrics::Metrics;
 use super::spare::Owner;
 use super::window::{CountWindow, TimeWindow, Window};
 use super::{CircuitBreaker, State};
-use crate::classify::DefaultClassifier;
+use crate::classify::{DefaultClassifier, ReadsRetryAfter};
 use crate::clock;
 use crate::completion::AtResponse;
 #[cfg(feature = "http")]
@@ -202,7 +202,21 @@ impl<C, M> CircuitBreakerBuilder<C, M> {
     /// `> 0` and `>= wait_in_open` (a smaller cap could never hold anything); a server asking
     /// for a year is held for `max`. See the
     /// [module docs](crate::circuit_breaker#retry-after-hold).
-    pub fn retry_after_hold(mut self, max: Duration) -> Self {
+    ///
+    /// Only with a classifier that reports such a delay ([`ReadsRetryAfter`]), set before
+    /// this call: with any other the hold could never hold, so this does not compile.
+    ///
+    /// ```compile_fail
+    /// use std::time::Duration;
+    /// use tower_breakwater::circuit_breaker::CircuitBreakerLayer;
+    ///
+    /// // The default classifier never reads Retry-After.
+    /// let b = CircuitBreakerLayer::builder().retry_after_hold(Duration::from_secs(600));
+    /// ```
+    pub fn retry_after_hold(mut self, max: Duration) -> Self
+    where
+        C: ReadsRetryAfter,
+    {
         self.retry_after_hold = Some(max);
         self
     }

@@ -18,6 +18,14 @@ use crate::error::BoxError;
 /// The response's body is wrapped in a [`CallBody`], which ends the call (exactly once) when
 /// the body yields its end of stream, yields an error, or is dropped, whichever comes first.
 ///
+/// With the timeout, the deadline holds for every frame, however the body is read: it is
+/// checked when the inner body is pending (a timer) and again before each frame is handed
+/// on, so a frame read after the deadline (the dependency sent it in time, but the caller
+/// read slowly) is dropped and the body fails with the timeout's error. The end of stream
+/// is not checked: a body whose every frame was handed on in time was read in time. Cost:
+/// one clock read (`tokio::time::Instant::now`) per frame, only for a whole-body timeout;
+/// the bulkhead and the breaker read no clock per frame.
+///
 /// ```
 /// use std::time::Duration;
 /// use http_body_util::{BodyExt, Full};
@@ -89,7 +97,15 @@ impl<E: CallEnd> Ending<E> {
 impl<E: CallEnd> Drop for Ending<E> {
     #[inline]
     fn drop(&mut self) {
-        self.end(End::Dropped);
+        if std::thread::panicking() {
+            // Unwinding (a poll of the inner body panicked, or the reader did): the call is
+            // no success. Dropping what the layer holds without ending it is what a panic in
+            // the inner call does to the response future: the breaker counts no outcome and
+            // frees its probe slot, the timeout counts none, the permit goes back.
+            drop(self.0.take());
+        } else {
+            self.end(End::Dropped);
+        }
     }
 }
 
@@ -102,8 +118,11 @@ pin_project! {
     /// end of stream (recorded with the response's outcome), an error from the inner body
     /// (returned boxed; a failure), a limit the layer puts on the body's time (the timeout's
     /// deadline: a [`BreakwaterError`](crate::BreakwaterError) of kind
-    /// [`Timeout`](crate::error::ErrorKind::Timeout)), or the drop of this body (the
-    /// response's outcome). The inner body is dropped when the call ends, before what the
+    /// [`Timeout`](crate::error::ErrorKind::Timeout), also for a frame that comes after
+    /// it), or the drop of this body (the
+    /// response's outcome; while a panic unwinds, for instance from the inner body's poll,
+    /// no outcome, as for a panic in the inner call, and what the layer held is still
+    /// released). The inner body is dropped when the call ends, before what the
     /// layer held is released; afterwards this body yields `None`.
     ///
     /// `Unpin` when `B` is.
@@ -141,7 +160,17 @@ where
             return Poll::Ready(None);
         };
         match inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Ok(frame))) => {
+                let Some(err) = this.end.0.as_mut().and_then(CallEnd::cut_now) else {
+                    return Poll::Ready(Some(Ok(frame)));
+                };
+                // Past the deadline (already recorded): drop the frame and the inner body,
+                // then what the layer held.
+                drop(frame);
+                this.state.set(State::Done);
+                drop(this.end.0.take());
+                return Poll::Ready(Some(Err(err)));
+            }
             Poll::Ready(Some(Err(e))) => {
                 this.state.set(State::Done);
                 this.end.end(End::BodyError);

@@ -23,7 +23,10 @@
 //!
 //! A body dropped before its end (the caller read the headers only, or gave up) ends the call
 //! then, with the outcome the response was classified with: the response did arrive, and the
-//! time until the drop is the time the call held the layer. Layers stack: with a whole-body
+//! time until the drop is the time the call held the layer. A body dropped while a panic
+//! unwinds (its poll panicked, or its reader did) ends the call as a panic in the inner call
+//! does: no outcome is recorded (the breaker frees a half-open probe slot without a verdict,
+//! the timeout counts the call under no outcome), the permit goes back. Layers stack: with a whole-body
 //! timeout inside a whole-body breaker, the timeout's error from the body is a body error for
 //! the breaker (a failure).
 //!
@@ -34,8 +37,9 @@
 //! allocates per frame: each frame is passed through as the inner body yields it. Per call it
 //! allocates nothing for the bulkhead and the breaker (the permit or admission moves into the
 //! body); for the timeout it allocates one timer (a boxed `tokio::time::Sleep`, about 100
-//! bytes) the first time the body returns `Pending`, and reads the clock at the call's first
-//! poll (the deadline must be known when the body starts).
+//! bytes) the first time the body returns `Pending`, reads the clock at the call's first
+//! poll (the deadline must be known when the body starts), and reads it once more per
+//! frame (a frame read after the deadline is cut off, see [`WholeBody`]).
 //!
 //! See [`WholeBody`] for an example.
 
@@ -80,6 +84,16 @@ pub trait CallEnd: sealed::Sealed {
     #[doc(hidden)]
     fn poll_cut(&mut self, _cx: &mut Context<'_>) -> Poll<BoxError> {
         Poll::Pending
+    }
+
+    /// The same limit, checked as the inner body yields a frame (the limit may have passed
+    /// while nobody polled): `Some(err)` ends the call with `err` (already recorded; the
+    /// value is then dropped without [`end`](Self::end)) and the frame is dropped. No limit,
+    /// and no clock read, by default.
+    #[doc(hidden)]
+    #[inline]
+    fn cut_now(&mut self) -> Option<BoxError> {
+        None
     }
 }
 

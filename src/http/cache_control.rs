@@ -23,8 +23,9 @@ const MAX_DELTA_SECONDS: u64 = 1 << 31;
 const STORABLE_STATUSES: [u16; 11] = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
 
 /// Parses `delta-seconds` (RFC 9111, section 1.2.2: `1*DIGIT`, no sign, no fraction),
-/// saturating at [`MAX_DELTA_SECONDS`].
-fn delta_seconds(v: &[u8]) -> Option<u64> {
+/// saturating at [`MAX_DELTA_SECONDS`]. Also the `delay-seconds` form of `Retry-After`
+/// (RFC 9110, section 10.2.3), which has the same grammar.
+pub(super) fn delta_seconds(v: &[u8]) -> Option<u64> {
     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }

@@ -2,7 +2,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{Response, StatusCode};
 
-use crate::classify::{Classify, DefaultClassifier, Outcome};
+use crate::classify::{Classify, DefaultClassifier, Outcome, ReadsRetryAfter};
 use crate::error::BoxError;
 
 /// Classifies HTTP responses by status: a status in the failure set is
@@ -78,6 +78,8 @@ impl HttpClassifier {
         self.failures[usize::from(code / 64)] & (1 << (code % 64)) != 0
     }
 }
+
+impl ReadsRetryAfter for HttpClassifier {}
 
 impl<B> Classify<Response<B>> for HttpClassifier {
     #[inline]

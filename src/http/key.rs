@@ -1,6 +1,6 @@
 use http::header::{
-    ACCEPT, AUTHORIZATION, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
-    IF_UNMODIFIED_SINCE, RANGE,
+    ACCEPT, AUTHORIZATION, COOKIE, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, PROXY_AUTHORIZATION, RANGE,
 };
 use http::{HeaderName, HeaderValue, Method, Request, Uri};
 
@@ -16,6 +16,11 @@ const PER_REQUEST: [HeaderName; 6] = [
     IF_UNMODIFIED_SINCE,
     IF_RANGE,
 ];
+
+/// Request headers that carry the caller's credentials besides `Authorization`, making the
+/// response answer this caller only: `Cookie` (a session, RFC 6265 section 5.4) and
+/// `Proxy-Authorization` (RFC 9110 section 11.7.2).
+const PER_CALLER: [HeaderName; 2] = [COOKIE, PROXY_AUTHORIZATION];
 
 /// The most request headers an [`HttpKey`] can include.
 pub const MAX_KEY_HEADERS: usize = 4;
@@ -84,9 +89,15 @@ impl RequestKey {
 ///
 /// The key is the method, the **full** URI (scheme, authority, path and query), the `Host`
 /// header when the URI carries no authority (server-side, origin-form requests), and the
-/// values of the chosen headers: `Authorization` and `Accept` by default, so that one layer
-/// shared by several routes, callers or users never hands one caller's response to another.
-/// Add every header that changes the response (`Accept-Language`, a tenant header, ...).
+/// values of the chosen headers: `Authorization` and `Accept` by default. Add every header
+/// that changes the response (`Accept-Language`, a tenant header, ...).
+///
+/// One layer shared by several routes, callers or users never hands one caller's response
+/// to another: the URI tells routes apart, `Authorization` tells users apart, and every other
+/// request whose answer may be for it alone (its caller's session, a part, a precondition)
+/// gets no key, as listed below. Two requests that differ only in a header the key leaves out
+/// and that is not listed below (a trace id, `User-Agent`) do share one response: add such a
+/// header to the key when it changes the response.
 ///
 /// [`key`](Self::key) returns `None`, meaning "pass this request through, uncoalesced and
 /// uncached", for:
@@ -94,6 +105,11 @@ impl RequestKey {
 ///   allowed, so POST, PUT, PATCH and DELETE never get a key);
 /// - a request with more than one value for a chosen header (or for `Host`), which a single
 ///   slot cannot represent exactly;
+/// - a request carrying credentials other than `Authorization`, namely `Cookie` or
+///   `Proxy-Authorization`, unless that header is one of the key's headers: its response is
+///   for that caller's session. With `Cookie` in the key, only requests with the same cookie
+///   string share a key (a request whose cookies come in several `Cookie` field lines, as
+///   HTTP/2 sends them, has more than one value and gets none);
 /// - a request carrying `Range` or a precondition (`If-None-Match`, `If-Modified-Since`,
 ///   `If-Match`, `If-Unmodified-Since`, `If-Range`), unless that header is one of the key's
 ///   headers: its answer (a `206` part, a `304` without body, a `412`) is meant for that
@@ -159,11 +175,13 @@ impl HttpKey {
         SafeMethod::of(method).is_some_and(|m| self.methods & m.bit() != 0)
     }
 
-    /// `true` if `headers` hold a `Range` or precondition header the key does not include.
+    /// `true` if `headers` hold a `Range`, precondition or credential header (other than
+    /// `Authorization`) the key does not include.
     fn is_per_request(&self, headers: &http::HeaderMap) -> bool {
         !headers.is_empty()
             && PER_REQUEST
                 .iter()
+                .chain(&PER_CALLER)
                 .any(|h| headers.contains_key(h) && !self.header_names().any(|k| k == h))
     }
 
@@ -299,14 +317,19 @@ mod tests {
     }
 
     #[test]
-    fn range_and_conditional_requests_pass_through_unless_keyed() {
+    fn range_conditional_and_credential_requests_pass_through_unless_keyed() {
         let k = HttpKey::new();
         assert!(k.key(&get("https://r/").body(()).unwrap()).is_some());
-        for h in PER_REQUEST {
+        for h in PER_REQUEST.into_iter().chain(PER_CALLER) {
             let req = get("https://r/").header(&h, "x").body(()).unwrap();
             assert!(k.key(&req).is_none(), "{h}");
             let keyed = HttpKey::new().headers([AUTHORIZATION, ACCEPT, h.clone()]);
             let a = keyed.key(&req).expect("keyed header");
+            assert_eq!(
+                Some(&a),
+                keyed.key(&req).as_ref(),
+                "{h}: same value, same key"
+            );
             let b = get("https://r/").header(&h, "y").body(()).unwrap();
             assert_ne!(Some(a), keyed.key(&b), "{h}");
         }
@@ -327,6 +350,17 @@ mod tests {
     #[test]
     fn repeated_chosen_headers_pass_through() {
         let k = HttpKey::new();
+        let split_cookies = get("https://r/")
+            .header(COOKIE, "a=1")
+            .header(COOKIE, "b=2")
+            .body(())
+            .unwrap();
+        assert!(
+            HttpKey::new()
+                .headers([COOKIE])
+                .key(&split_cookies)
+                .is_none()
+        );
         let req = get("https://r/")
             .header(ACCEPT, "a")
             .header(ACCEPT, "b")

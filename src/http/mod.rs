@@ -8,7 +8,9 @@
 //! - [`HttpKey`]: request keys for coalescing and caching: method + full URI + chosen headers
 //!   (`Authorization` and `Accept` by default), only for safe methods (GET and HEAD by
 //!   default), so that one layer shared by several routes or callers never mixes responses;
-//!   `Range` and conditional requests pass through (their answers are for them alone).
+//!   `Range` and conditional requests, and requests with a `Cookie` or
+//!   `Proxy-Authorization`, pass through unless the key includes that header (their answers
+//!   are for them or their caller alone).
 //! - [`is_storable`], [`max_age`] and [`stale_allowance`]: RFC 9111's rules for a cache
 //!   shared by several callers (which one layer is, even inside one client, so `private` is
 //!   never stored): whether a response may be stored (complete, reusable statuses only;

@@ -3,10 +3,14 @@ use std::time::{Duration, SystemTime};
 use http::header::RETRY_AFTER;
 use http::{HeaderValue, Response, StatusCode};
 
+use super::cache_control::delta_seconds;
+
 /// Parses a `Retry-After` field value (RFC 9110, section 10.2.3) into the delay from `now`.
 ///
 /// Both forms are accepted:
-/// - `delay-seconds` (`1*DIGIT`): that many seconds; a value too large for a `u64` is ignored;
+/// - `delay-seconds` (`1*DIGIT`): that many seconds; a value beyond 2^31 s (about 68 years),
+///   however long, is taken as 2^31 s, as the cache rules take delta-seconds (RFC 9111,
+///   section 1.2.2): an overlong delay asks for the longest wait, it is not ignored;
 /// - `HTTP-date` (the IMF-fixdate form and the two obsolete forms RFC 9110 requires
 ///   recipients to accept): the time from `now` until that date, or zero for a date in the
 ///   past.
@@ -36,8 +40,8 @@ fn parse_with(value: &HeaderValue, now: impl FnOnce() -> SystemTime) -> Option<D
     if s.is_empty() {
         return None;
     }
-    if s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse::<u64>().ok().map(Duration::from_secs);
+    if let Some(secs) = delta_seconds(s.as_bytes()) {
+        return Some(Duration::from_secs(secs));
     }
     let date = httpdate::parse_http_date(s).ok()?;
     Some(date.duration_since(now()).unwrap_or(Duration::ZERO))
@@ -88,11 +92,14 @@ mod tests {
         assert_eq!(parse("120"), Some(Duration::from_secs(120)));
         assert_eq!(parse(" 7 "), Some(Duration::from_secs(7)));
         assert_eq!(parse("007"), Some(Duration::from_secs(7)));
+        let max = Some(Duration::from_secs(1 << 31));
         assert_eq!(
-            parse("18446744073709551615"),
-            Some(Duration::from_secs(u64::MAX))
+            parse("2147483647"),
+            Some(Duration::from_secs((1 << 31) - 1))
         );
-        assert_eq!(parse("18446744073709551616"), None, "overflow is ignored");
+        assert_eq!(parse("2147483648"), max);
+        assert_eq!(parse("18446744073709551615"), max);
+        assert_eq!(parse("18446744073709551616"), max, "beyond u64: capped");
     }
 
     #[test]

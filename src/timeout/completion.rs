@@ -92,4 +92,18 @@ impl CallEnd for Deadline {
         ready!(sleep.as_mut().poll(cx));
         Poll::Ready(self.shared.timed_out(self.timeout, self.elapsed()))
     }
+
+    #[inline]
+    fn cut_now(&mut self) -> Option<BoxError> {
+        let started = self.started?;
+        let now = clock::now();
+        if now.saturating_duration_since(started) < self.timeout {
+            return None;
+        }
+        let elapsed = self
+            .shared
+            .records_durations()
+            .then(|| now.saturating_duration_since(started));
+        Some(self.shared.timed_out(self.timeout, elapsed))
+    }
 }
