@@ -10,9 +10,8 @@ use parking_lot::Mutex;
 use tower::{Layer, Service};
 
 use super::Cache;
-use super::store::{
-    self, Fetched, Instruments, RandomFn, RefreshMode, Settings, StaleFn, Store, TtlPolicy,
-};
+use super::policy::{FixedTtl, StalenessFn, StalenessPolicy, TtlConfig, TtlFn, Unset};
+use super::store::{self, Fetched, Instruments, RandomFn, RefreshMode, Settings, Store, TtlPolicy};
 use crate::classify::{Classify, DefaultClassifier};
 use crate::coalesce::core::{End, Hooks, Role, Table};
 use crate::config::{Common, ConfigError, common_builder_methods};
@@ -100,105 +99,6 @@ impl fmt::Debug for LayerState {
     }
 }
 
-/// The builder's state before a key function or a TTL is given.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Unset;
-
-/// A fixed TTL, set by [`CacheBuilder::ttl`].
-#[derive(Debug, Clone, Copy)]
-pub struct FixedTtl(Duration);
-
-impl<Res> TtlPolicy<Res> for FixedTtl {
-    #[inline]
-    fn ttl(&self, _res: &Res) -> Option<Duration> {
-        Some(self.0)
-    }
-}
-
-/// A TTL computed from the response, set by [`CacheBuilder::ttl_fn`].
-#[derive(Debug, Clone, Copy)]
-pub struct TtlFn<G>(G);
-
-/// A per-response maximum staleness, set by [`CacheBuilder::staleness_fn`].
-#[derive(Debug, Clone, Copy)]
-pub struct StalenessFn<G>(G);
-
-impl<Res, G> TtlPolicy<Res> for TtlFn<G>
-where
-    G: Fn(&Res) -> Option<Duration> + Clone + Send + Sync + 'static,
-{
-    #[inline]
-    fn ttl(&self, res: &Res) -> Option<Duration> {
-        (self.0)(res)
-    }
-}
-
-/// Seals the cache's policy traits: only the builder's own types implement them.
-mod sealed {
-    pub trait Sealed {}
-}
-pub(crate) use sealed::Sealed;
-
-impl Sealed for Unset {}
-impl Sealed for FixedTtl {}
-impl<G> Sealed for TtlFn<G> {}
-impl<G> Sealed for StalenessFn<G> {}
-
-/// The TTL state of a builder (checked at `build()`): [`Unset`], [`FixedTtl`] or [`TtlFn`].
-/// Sealed: it only names the builder's states, as a bound.
-pub trait TtlConfig: Sealed {
-    /// `None` when unset; `Some(Some(ttl))` for a fixed TTL; `Some(None)` for a function.
-    #[doc(hidden)]
-    fn fixed(&self) -> Option<Option<Duration>>;
-}
-
-/// A per-response maximum staleness: [`Unset`] (the configured
-/// [`max_staleness`](CacheBuilder::max_staleness) for every entry) or [`StalenessFn`] (from
-/// [`staleness_fn`](CacheBuilder::staleness_fn)). Sealed.
-///
-/// Called once per upstream result that is stored (after the [`TtlPolicy`]), on the task
-/// that drove the upstream call; never on the hit path. A panic is a panic of the fetch,
-/// as for [`TtlPolicy::ttl`].
-pub trait StalenessPolicy<Res>: Sealed + Clone + Send + Sync + 'static {
-    /// The function the store calls, or `None` for [`Unset`].
-    #[doc(hidden)]
-    fn function(&self) -> Option<StaleFn<Res>>;
-}
-
-impl<Res> StalenessPolicy<Res> for Unset {
-    fn function(&self) -> Option<StaleFn<Res>> {
-        None
-    }
-}
-
-impl<Res, G> StalenessPolicy<Res> for StalenessFn<G>
-where
-    G: Fn(&Res) -> Option<Duration> + Clone + Send + Sync + 'static,
-{
-    fn function(&self) -> Option<StaleFn<Res>> {
-        let f = self.0.clone();
-        Some(Arc::new(f))
-    }
-}
-
-impl TtlConfig for Unset {
-    fn fixed(&self) -> Option<Option<Duration>> {
-        None
-    }
-}
-
-impl TtlConfig for FixedTtl {
-    fn fixed(&self) -> Option<Option<Duration>> {
-        Some(Some(self.0))
-    }
-}
-
-impl<G> TtlConfig for TtlFn<G> {
-    fn fixed(&self) -> Option<Option<Duration>> {
-        Some(None)
-    }
-}
-
 /// The default [refresh timeout](CacheBuilder::refresh_timeout): 30 s.
 pub const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -280,12 +180,23 @@ impl<Req, K, F, T, C, Z> CacheBuilder<Req, K, F, T, C, Z> {
         F2: Fn(&Req2) -> Option<K2> + Clone,
         K2: Hash + Eq + Clone + Send + Sync + 'static,
     {
+        self.with(|_, ttl, classifier, staleness| (f, ttl, classifier, staleness))
+    }
+
+    /// The builder with its key function, TTL, classifier and staleness policy replaced by
+    /// `change` of the current ones (the type-changing setters).
+    fn with<Req2, K2, F2, T2, C2, Z2>(
+        self,
+        change: impl FnOnce(F, T, C, Z) -> (F2, T2, C2, Z2),
+    ) -> CacheBuilder<Req2, K2, F2, T2, C2, Z2> {
+        let (key, ttl, classifier, staleness) =
+            change(self.key, self.ttl, self.classifier, self.staleness);
         CacheBuilder {
             common: self.common,
-            key: f,
-            ttl: self.ttl,
-            classifier: self.classifier,
-            staleness: self.staleness,
+            key,
+            ttl,
+            classifier,
+            staleness,
             beta: self.beta,
             max_entries: self.max_entries,
             max_staleness: self.max_staleness,
@@ -300,23 +211,7 @@ impl<Req, K, F, T, C, Z> CacheBuilder<Req, K, F, T, C, Z> {
     }
 
     fn with_ttl<T2>(self, ttl: T2) -> CacheBuilder<Req, K, F, T2, C, Z> {
-        CacheBuilder {
-            common: self.common,
-            key: self.key,
-            ttl,
-            classifier: self.classifier,
-            staleness: self.staleness,
-            beta: self.beta,
-            max_entries: self.max_entries,
-            max_staleness: self.max_staleness,
-            stale_retry_interval: self.stale_retry_interval,
-            negative_ttl: self.negative_ttl,
-            mode: self.mode,
-            random: self.random,
-            seed: self.seed,
-            refresh_timeout: self.refresh_timeout,
-            _types: PhantomData,
-        }
+        self.with(|key, _, classifier, staleness| (key, ttl, classifier, staleness))
     }
 
     /// A fixed time to live: an entry expires `ttl` after it was stored. Must be > 0.
@@ -336,23 +231,7 @@ impl<Req, K, F, T, C, Z> CacheBuilder<Req, K, F, T, C, Z> {
     /// The classifier: only responses it calls [`Success`](crate::classify::Outcome::Success)
     /// are stored; anything else counts as a failed fetch (default [`DefaultClassifier`]).
     pub fn classifier<C2>(self, classifier: C2) -> CacheBuilder<Req, K, F, T, C2, Z> {
-        CacheBuilder {
-            common: self.common,
-            key: self.key,
-            ttl: self.ttl,
-            classifier,
-            staleness: self.staleness,
-            beta: self.beta,
-            max_entries: self.max_entries,
-            max_staleness: self.max_staleness,
-            stale_retry_interval: self.stale_retry_interval,
-            negative_ttl: self.negative_ttl,
-            mode: self.mode,
-            random: self.random,
-            seed: self.seed,
-            refresh_timeout: self.refresh_timeout,
-            _types: PhantomData,
-        }
+        self.with(|key, ttl, _, staleness| (key, ttl, classifier, staleness))
     }
 
     /// XFetch's `beta`, a finite number > 0 (default 1.0; above 1 refreshes earlier). Else
@@ -396,23 +275,7 @@ impl<Req, K, F, T, C, Z> CacheBuilder<Req, K, F, T, C, Z> {
     where
         G: Fn(&Res) -> Option<Duration> + Clone + Send + Sync + 'static,
     {
-        CacheBuilder {
-            common: self.common,
-            key: self.key,
-            ttl: self.ttl,
-            classifier: self.classifier,
-            staleness: StalenessFn(f),
-            beta: self.beta,
-            max_entries: self.max_entries,
-            max_staleness: self.max_staleness,
-            stale_retry_interval: self.stale_retry_interval,
-            negative_ttl: self.negative_ttl,
-            mode: self.mode,
-            random: self.random,
-            seed: self.seed,
-            refresh_timeout: self.refresh_timeout,
-            _types: PhantomData,
-        }
+        self.with(|key, ttl, classifier, _| (key, ttl, classifier, StalenessFn(f)))
     }
 
     /// The back-off of a key in outage: after a failed fetch or refresh of a key whose
@@ -604,8 +467,8 @@ impl<Req, K, F, T, C, Z> fmt::Debug for CacheLayer<Req, K, F, T, C, Z> {
 impl CacheLayer<(), (), Unset, Unset> {
     /// A builder with defaults: name `"default"`, no key function and no TTL (both required),
     /// beta 1.0, [`DEFAULT_MAX_ENTRIES`], no stale serving, a 1 s retry interval, no negative
-    /// caching, background refresh, a [`DEFAULT_REFRESH_TIMEOUT`], a randomly seeded random source, the default classifier
-    /// and metrics profile.
+    /// caching, background refresh with a [`DEFAULT_REFRESH_TIMEOUT`], no staleness function,
+    /// a randomly seeded random source, the default classifier and metrics profile.
     pub fn builder() -> CacheBuilder {
         CacheBuilder::default()
     }

@@ -308,7 +308,7 @@ pub(crate) struct Store<K, R, C, T> {
 /// Called once per upstream result that the classifier calls a success (a fetch, an early
 /// refresh or a retry), on the task that drove the upstream call, before the result is
 /// stored or handed to any caller; never on the hit path.
-pub trait TtlPolicy<Res>: super::layer::Sealed + Clone + Send + Sync + 'static {
+pub trait TtlPolicy<Res>: super::policy::Sealed + Clone + Send + Sync + 'static {
     /// The TTL of `res`: the entry expires that long after it was stored (a sum past the
     /// clock's range saturates at about 30 years). `None` or a zero duration: `res` is
     /// returned to its callers but not stored (the value already stored, if any, stays).
