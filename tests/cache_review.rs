@@ -520,9 +520,9 @@ async fn a_hung_early_refresh_pins_the_key_for_ever() {
     );
 }
 
-/// Lookups are decided in `call`; a miss whose reader is cancelled before the fetch ends
-/// is a lookup all the same (it caused an upstream call) but is counted nowhere, so a
-/// stampede of readers that all time out reports zero misses.
+/// A miss whose reader is cancelled before the fetch ends is a lookup all the same (it
+/// caused an upstream call): counted as a miss when its response future is dropped, so a
+/// stampede of readers that all time out does not report zero misses.
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_miss_is_still_counted_as_a_miss() {
     let up = Up::new(|_| Step::Ok(2_000));
@@ -660,9 +660,9 @@ async fn the_refresh_flag_is_cleared_after_a_panicking_refresh() {
     assert_eq!(up.calls.get(), 3, "a new early refresh");
 }
 
-/// An upstream that panics during an outage gets none of the treatment of a failing one:
-/// the panic is not counted in `refresh_errors` and sets no back-off, so every read of the
-/// expired key goes upstream again (while a failing upstream is tried once per interval).
+/// An upstream that panics during an outage gets the treatment of a failing one: the panic
+/// is counted in `refresh_errors` and sets the back-off, so the expired key is tried once
+/// per interval (in the background after the first), not on every read.
 #[tokio::test(start_paused = true)]
 async fn a_panicking_upstream_is_backed_off_like_a_failing_one() {
     let up = Up::new(|n| if n == 1 { Step::Ok(0) } else { Step::Panic(0) });
@@ -982,10 +982,9 @@ async fn scripted_sequence_metrics_are_exact() {
     );
 }
 
-/// Every other layer turns its duration histogram on with the shared
-/// `record_durations(true)` (which presets set); the cache ignores it and wants its own
-/// `recompute_histogram(true)`, so a user following the crate's convention gets no
-/// recompute histogram (although delta is measured anyway, at no extra cost).
+/// Every layer turns its duration histogram on with the shared `record_durations(true)`
+/// (which presets set); so does the cache, for its recompute histogram
+/// (`recompute_histogram` is an alias).
 #[tokio::test(start_paused = true)]
 async fn record_durations_turns_the_recompute_histogram_on() {
     let rec = TestRecorder::default();
@@ -1042,9 +1041,10 @@ impl<S: Service<u64>> Service<u64> for ReadyAt<S> {
 }
 
 /// XFetch's delta is the time to recompute the value. Time spent waiting for the inner
-/// service's readiness (a full pool, a rate limiter queue) is counted in it, so a congested
-/// dependency gets a longer delta, hence earlier and more frequent refreshes: more load
-/// exactly when it is overloaded. Here: 10 s waiting for readiness, 2 s computing.
+/// service's readiness (a full pool, a rate limiter queue) must not count in it, or a
+/// congested dependency would get a longer delta, hence earlier and more frequent
+/// refreshes: more load exactly when it is overloaded. Here: 10 s waiting for readiness,
+/// 2 s computing: delta 2 s.
 #[tokio::test(start_paused = true)]
 async fn delta_excludes_the_wait_for_inner_readiness() {
     let rec = TestRecorder::default();
@@ -1161,11 +1161,10 @@ async fn the_back_off_holds_without_a_stale_value_too() {
     }
 }
 
-/// During an outage, each retry after the back-off is a fetch that readers join: with an
-/// upstream that fails slowly (10 s, a connect timeout), every reader arriving during the
-/// retry waits for it, although a stale value within the maximum staleness is stored and
-/// the reader just before the retry got it at once. Expected (stale-while-revalidate, as
-/// for early refreshes): readers during a retry of a stale entry are answered at once.
+/// During an outage, with an upstream that fails slowly (10 s, a connect timeout) and a
+/// stale value within the maximum staleness stored: the retry after the back-off runs in
+/// the background (stale-while-revalidate, as for early refreshes), and the reader that
+/// triggered it and every reader during it are answered with the stale value at once.
 #[tokio::test(start_paused = true)]
 async fn readers_during_an_outage_retry_get_the_stale_value_at_once() {
     let up = Up::new(|n| {
@@ -1290,11 +1289,10 @@ fn many_threads_across_expiry_keep_the_counts_consistent() {
     assert_eq!(h.snapshot().gauge("entries"), Some(4.0));
 }
 
-/// An early refresh is spawned with `tokio::spawn` from `call`: on a hit in the window,
-/// outside a tokio runtime (a `futures` executor, a sync caller), `call` panics, which the
-/// `Cache` docs do not list; the refresh flag, set before the spawn, stays set, so that
-/// entry is never refreshed early again. Expected: skip the refresh (or run it inline)
-/// when there is no runtime.
+/// A background early refresh needs a tokio runtime to be spawned on: on a hit in the
+/// window outside one (a `futures` executor, a sync caller), `call` must not panic; the
+/// refresh is skipped and its flag cleared, so the entry still refreshes early from a read
+/// inside a runtime.
 #[test]
 fn an_early_refresh_outside_a_tokio_runtime_does_not_panic() {
     let up = Up::new(|n| Step::Ok(if n == 1 { 1_000 } else { 0 }));
@@ -1322,8 +1320,10 @@ fn paused_runtime() -> tokio::runtime::Runtime {
 }
 
 /// An early refresh cancelled before it ends (its task dropped with the runtime that ran
-/// it: a per-request `block_on` runtime, a shutdown) leaves the entry's refresh flag set,
-/// like a panicking one: that entry never refreshes early again.
+/// it: a per-request `block_on` runtime, a shutdown) leaves no refresh flag behind: the
+/// entry refreshes early again. Each runtime's paused clock starts at the system clock, so
+/// the reads here come at instants before the entry was stored (the first runtime's clock
+/// ran 1 s ahead during the fill): the XFetch window must not be cut at the store instant.
 #[test]
 fn a_cancelled_early_refresh_leaves_no_flag_behind() {
     let up = Up::new(|n| Step::Ok(if n == 1 { 1_000 } else { 10_000 }));
@@ -1783,8 +1783,8 @@ mod http_rules {
     }
 
     /// `must-revalidate` (RFC 9111, 5.2.2.2): once stale, a response must not be reused
-    /// without validation, even when the origin fails; the serve-stale-on-error path serves
-    /// it for `max_staleness` regardless (and ignores `stale-if-error`, RFC 5861).
+    /// without validation, even when the origin fails: wired with `stale_allowance` as the
+    /// staleness function, such an entry's maximum staleness is zero.
     #[tokio::test(start_paused = true)]
     async fn must_revalidate_responses_are_never_served_stale() {
         let calls = Count::default();
