@@ -255,6 +255,7 @@ async fn failed_fetches_serve_stale_until_staleness_ends_backing_off_between_tri
     for t in 0..30u64 {
         let before = up.calls.get();
         assert_eq!(read(&mut svc).await.unwrap(), 1, "stale at expiry + {t} s");
+        settle().await; // a retry runs in the background
         if up.calls.get() > before {
             tries_at.push(t);
         }
@@ -431,6 +432,13 @@ fn bad_config_is_a_config_error() {
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "negative_ttl");
+    let e = CacheLayer::builder()
+        .key(k)
+        .ttl(S)
+        .refresh_timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "refresh_timeout");
     for beta in [f64::MIN_POSITIVE, f64::MAX] {
         assert!(
             CacheLayer::builder()
@@ -524,15 +532,23 @@ async fn a_cancelled_inline_refresh_lets_the_next_early_read_start_one() {
     assert_eq!(h.snapshot().counter("early_refreshes"), Some(2));
 }
 
+/// A panicking refresh is a failed one: counted in `refresh_errors`, its flag cleared, and
+/// its key backs off (5 s) before the next early refresh. Beta 4: an 8 s window.
 #[tokio::test(start_paused = true)]
-async fn a_panicking_refresh_clears_the_flag_and_the_next_early_read_starts_one() {
-    let (up, _u, mut svc, h) = filled(1.0, (-1f64).exp()).await;
+async fn a_panicking_refresh_backs_off_then_the_next_early_read_starts_one() {
+    let (up, _u, mut svc, h) = filled(4.0, (-1f64).exp()).await;
     up.panic.store(true, Ordering::SeqCst);
-    advance(Duration::from_millis(58_500)).await;
+    advance(Duration::from_millis(52_500)).await; // 7.5 s before expiry
     assert_eq!(read_now(&mut svc), 1);
     settle().await; // the refresh's upstream call panics
     assert_eq!(up.calls.get(), 2);
+    assert_eq!(h.snapshot().counter("refresh_errors"), Some(1));
     up.panic.store(false, Ordering::SeqCst);
+    advance(Duration::from_millis(4_999)).await;
+    assert_eq!(read_now(&mut svc), 1);
+    settle().await;
+    assert_eq!(up.calls.get(), 2, "backing off");
+    advance(Duration::from_millis(1)).await;
     assert_eq!(read_now(&mut svc), 1);
     settle().await;
     assert_eq!(up.calls.get(), 3, "exactly one new refresh");
@@ -626,7 +642,8 @@ async fn negative_ttl_never_replaces_a_value_that_may_be_served() {
     assert_eq!(read(&mut svc).await.unwrap(), 2);
     assert_eq!(up.calls.get(), 3);
     advance(5 * S).await; // past the 5 s back-off, within the 10 s staleness
-    assert_eq!(read(&mut svc).await.unwrap(), 2);
+    assert_eq!(read(&mut svc).await.unwrap(), 2); // the retry runs in the background
+    settle().await;
     assert_eq!(up.calls.get(), 4);
     advance(5 * S).await; // expiry + staleness: this failure leaves nothing to serve
     assert!(read(&mut svc).await.is_err());
@@ -848,5 +865,228 @@ fn a_store_completes_while_a_hit_draws_u() {
     assert!(
         stored.load(Ordering::SeqCst),
         "the store waited for the draw"
+    );
+}
+
+/// The upstream answers with its call number `n` after `delay`; responses `n >= 2` fail.
+/// Each entry's staleness is what `allow` says of its response.
+fn allowing(
+    up: &Up,
+    max_staleness: Option<Duration>,
+    allow: Option<Duration>,
+) -> (Svc, CacheHandle) {
+    let b = CacheLayer::builder()
+        .name("c")
+        .key(key as fn(&u64) -> Option<u64>)
+        .ttl(60 * S)
+        .stale_retry_interval(5 * S)
+        .random(|| 1.0)
+        .staleness_fn(move |_: &u64| allow);
+    let layer = match max_staleness {
+        Some(d) => b.max_staleness(d).build().unwrap(),
+        None => b.build().unwrap(),
+    };
+    let h = layer.handle();
+    (Svc::new(layer.layer(up.service())), h)
+}
+
+/// An entry's maximum staleness is the smaller of the configured one and its response's
+/// allowance (`None`: the configured one); with the default of zero, nothing is served
+/// stale whatever the response allows. Each case: stored at t0, the upstream down, reads at
+/// expiry + 9 s and expiry + 11 s (past the 5 s back-off each time).
+#[tokio::test(start_paused = true)]
+async fn the_staleness_of_an_entry_is_the_smaller_of_configured_and_allowed() {
+    let cases = [
+        // (max_staleness, allowance, stale at +9 s, stale at +11 s)
+        (Some(30 * S), Some(10 * S), true, false),
+        (Some(10 * S), Some(30 * S), true, false),
+        (Some(10 * S), None, true, false),
+        (Some(30 * S), Some(Duration::ZERO), false, false),
+        (None, Some(300 * S), false, false),
+        (Some(Duration::MAX), Some(300 * S), true, true),
+    ];
+    for (max, allow, at_9, at_11) in cases {
+        let up = Up::new(Duration::ZERO);
+        let (mut svc, h) = allowing(&up, max, allow);
+        assert_eq!(read(&mut svc).await.unwrap(), 1);
+        up.fail.store(true, Ordering::SeqCst);
+        advance(69 * S).await;
+        assert_eq!(
+            read(&mut svc).await.ok(),
+            at_9.then_some(1),
+            "{max:?} {allow:?}"
+        );
+        settle().await;
+        advance(2 * S).await;
+        assert_eq!(
+            read(&mut svc).await.ok(),
+            at_11.then_some(1),
+            "{max:?} {allow:?}"
+        );
+        settle().await;
+        let stale = u64::from(at_9) + u64::from(at_11);
+        assert_eq!(
+            h.snapshot().counter("stale"),
+            Some(stale),
+            "{max:?} {allow:?}"
+        );
+    }
+}
+
+/// An inline refresh that hangs fails at its refresh timeout (5 s): the read that started
+/// it gets the value it found (still within its 30 s of staleness), the failure is counted
+/// with a `TimedOut` event, the hung upstream future is dropped, and after the back-off the
+/// key retries in the background.
+#[tokio::test(start_paused = true)]
+async fn a_hung_inline_refresh_times_out_and_its_read_gets_the_value_it_found() {
+    use tower_breakwater::event::EventKind;
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let hang = Arc::new(AtomicBool::new(false));
+    let (h2, calls, drops) = (hang.clone(), Count::default(), Count::default());
+    let (c2, d2) = (calls.clone(), drops.clone());
+    let inner = service_fn(move |_k: u64| {
+        c2.incr();
+        let n = c2.get();
+        let hang = h2.load(Ordering::SeqCst);
+        let guard = support::DropGuard(d2.clone());
+        async move {
+            let _guard = guard;
+            sleep(2 * S).await;
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, io::Error>(n)
+        }
+    });
+    let layer = CacheLayer::builder()
+        .name("c")
+        .key(key as fn(&u64) -> Option<u64>)
+        .ttl(60 * S)
+        .max_staleness(30 * S)
+        .stale_retry_interval(5 * S)
+        .refresh_timeout(5 * S)
+        .refresh_mode(RefreshMode::Inline)
+        .random(|| (-1f64).exp())
+        .on_event(move |e| log.lock().unwrap().push(e.kind()))
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = Svc::new(layer.layer(inner));
+    assert_eq!(read(&mut svc).await.unwrap(), 1); // stored at t0 + 2 s, expiry t0 + 62 s
+    hang.store(true, Ordering::SeqCst);
+    advance(Duration::from_millis(58_500)).await; // 1.5 s before expiry: in the 2 s window
+    let starter = spawn_read(&svc);
+    settle().await;
+    assert_eq!(calls.get(), 2);
+    advance(Duration::from_millis(4_999)).await;
+    settle().await;
+    assert!(!starter.is_finished(), "waits for the refresh");
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(starter.await.unwrap().unwrap(), 1, "the value it found");
+    assert_eq!(drops.get(), 2, "the hung upstream future is dropped");
+    let s = h.snapshot();
+    assert_eq!(
+        (
+            s.counter("hits"),
+            s.counter("refresh_errors"),
+            s.counter("fetches")
+        ),
+        (Some(1), Some(1), Some(2))
+    );
+    assert_eq!(
+        *events.lock().unwrap(),
+        [
+            EventKind::EarlyRefresh,
+            EventKind::TimedOut { after: 5 * S }
+        ]
+    );
+    // Backing off (stale now) until t0 + 70.5 s, then one retry in the background.
+    assert_eq!(read_now(&mut svc), 1);
+    advance(5 * S).await;
+    hang.store(false, Ordering::SeqCst);
+    assert_eq!(read_now(&mut svc), 1);
+    settle().await;
+    assert_eq!(calls.get(), 3);
+    advance(2 * S).await;
+    settle().await;
+    assert_eq!(read_now(&mut svc), 3);
+}
+
+/// `fetches` counts upstream calls, once per shared call: 1,000 concurrent misses of one
+/// key are 1,000 misses and one fetch; a request without a key is passed through, counted
+/// apart, and no lookup.
+#[tokio::test(start_paused = true)]
+async fn fetches_count_upstream_calls_and_pass_throughs_are_counted_apart() {
+    let up = Up::new(S);
+    let layer = CacheLayer::builder()
+        .key(|k: &u64| (*k != 0).then_some(*k))
+        .ttl(60 * S)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let svc = layer.layer(up.service());
+    let reads = (0..1_000).map(|_| svc.clone().oneshot(1));
+    let got = futures_util::future::join_all(reads).await;
+    assert!(got.iter().all(|r| *r.as_ref().unwrap() == 1));
+    assert_eq!(svc.clone().oneshot(0).await.unwrap(), 2);
+    assert_eq!(up.calls.get(), 2);
+    let s = h.snapshot();
+    assert_eq!(
+        ["misses", "hits", "fetches", "passed_through"].map(|c| s.counter(c).unwrap()),
+        [1_000, 0, 1, 1]
+    );
+}
+
+/// Outside a tokio runtime (here a `futures` executor), a read of a key in outage whose
+/// back-off is over has no runtime to retry on in the background: it makes the retry itself
+/// and waits for it, getting the stale value when it fails; nothing panics and no refresh
+/// flag is left (the next read retries again). A 1 ns TTL and back-off: every read finds
+/// the entry expired and the back-off over.
+#[test]
+fn outside_a_runtime_a_read_in_outage_retries_itself() {
+    let calls = Count::default();
+    let fail = Arc::new(AtomicBool::new(false));
+    let (c, f) = (calls.clone(), fail.clone());
+    let inner = service_fn(move |_k: u64| {
+        c.incr();
+        let res = match f.load(Ordering::SeqCst) {
+            true => Err(io::Error::other("down")),
+            false => Ok(c.get()),
+        };
+        async move { res }
+    });
+    let ns = Duration::from_nanos(1);
+    let layer = CacheLayer::builder()
+        .key(key as fn(&u64) -> Option<u64>)
+        .ttl(ns)
+        .max_staleness(3_600 * S)
+        .stale_retry_interval(ns)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(inner);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut get = || rt.block_on(async { svc.ready().await.unwrap().call(1).await.unwrap() });
+    assert_eq!(get(), 1);
+    fail.store(true, Ordering::SeqCst);
+    assert_eq!(get(), 1, "stale: in outage now");
+    drop(rt);
+    for n in [3, 4] {
+        let got = svc.call(1).now_or_never();
+        assert_eq!(got.map(Result::unwrap), Some(1), "the stale value");
+        assert_eq!(calls.get(), n, "the read retried");
+    }
+    let s = h.snapshot();
+    assert_eq!(
+        (
+            s.counter("stale"),
+            s.counter("refresh_errors"),
+            s.counter("fetches")
+        ),
+        (Some(3), Some(3), Some(4))
     );
 }

@@ -335,7 +335,8 @@ async fn a_coalescing_snapshot_is_exact_and_serializes() {
     );
 }
 
-/// A miss, a hit, then (the upstream failing) a miss of another key that fails.
+/// A miss, a hit, then (the upstream failing) a miss of another key that fails, and a
+/// request without a key (9), passed through.
 #[cfg(all(feature = "serde", feature = "cache"))]
 #[tokio::test(start_paused = true)]
 async fn a_cache_snapshot_is_exact_and_serializes() {
@@ -346,7 +347,7 @@ async fn a_cache_snapshot_is_exact_and_serializes() {
     let registry = Registry::new();
     let layer = CacheLayer::builder()
         .name("quotes")
-        .key(|k: &u32| Some(*k))
+        .key(|k: &u32| (*k != 9).then_some(*k))
         .ttl(Duration::from_secs(60))
         .random(|| 1.0)
         .registry(&registry)
@@ -362,8 +363,9 @@ async fn a_cache_snapshot_is_exact_and_serializes() {
     assert_eq!(svc.clone().oneshot(1).await.unwrap(), 1);
     assert_eq!(svc.clone().oneshot(1).await.unwrap(), 1);
     assert!(svc.clone().oneshot(0).await.is_err());
+    assert_eq!(svc.clone().oneshot(9).await.unwrap(), 9);
     assert_eq!(
         json(&registry),
-        r#"{"name":"quotes","layer":"cache","state":null,"counters":{"early_refreshes":0,"hits":1,"misses":2,"negative":0,"refresh_errors":1,"stale":0},"gauges":{"entries":1.0}}"#
+        r#"{"name":"quotes","layer":"cache","state":null,"counters":{"early_refreshes":0,"fetches":2,"hits":1,"misses":2,"negative":0,"passed_through":1,"refresh_errors":1,"stale":0},"gauges":{"entries":1.0}}"#
     );
 }

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use tower::{Layer, Service};
 
 use super::Cache;
+use super::policy::{FixedTtl, StalenessFn, StalenessPolicy, TtlConfig, TtlFn, Unset};
 use super::store::{self, Fetched, Instruments, RandomFn, RefreshMode, Settings, Store, TtlPolicy};
 use crate::classify::{Classify, DefaultClassifier};
 use crate::coalesce::core::{End, Hooks, Role, Table};
@@ -49,6 +50,12 @@ pub(super) struct Typed<K, R, C, T> {
 /// by every caller of the fetch and, with a [negative TTL](CacheBuilder::negative_ttl), by
 /// every read that gets the remembered failure (one `Arc`, cloned; `source()` is the
 /// upstream error; [`error::find`](crate::error::find) sees through it).
+///
+/// The inner error is the upstream's own, or one of the crate's [`BreakwaterError`]s (layer
+/// [`Cache`](LayerKind::Cache), the instance's name): kind
+/// [`Panicked`](ErrorKind::Panicked) when the fetch panicked (the upstream call, the
+/// classifier, or the TTL or staleness function), kind [`Timeout`](ErrorKind::Timeout) when
+/// a refresh the read joined ran past the [refresh timeout](CacheBuilder::refresh_timeout).
 #[derive(Debug, Clone)]
 pub struct FetchError {
     inner: Arc<BoxError>,
@@ -59,7 +66,7 @@ impl FetchError {
         FetchError { inner }
     }
 
-    /// The upstream error.
+    /// The upstream error, or the crate's own `Panicked` or `Timeout` error (see above).
     pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         &**self.inner
     }
@@ -92,60 +99,8 @@ impl fmt::Debug for LayerState {
     }
 }
 
-/// The builder's state before a key function or a TTL is given.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Unset;
-
-/// A fixed TTL, set by [`CacheBuilder::ttl`].
-#[derive(Debug, Clone, Copy)]
-pub struct FixedTtl(Duration);
-
-impl<Res> TtlPolicy<Res> for FixedTtl {
-    #[inline]
-    fn ttl(&self, _res: &Res) -> Option<Duration> {
-        Some(self.0)
-    }
-}
-
-/// A TTL computed from the response, set by [`CacheBuilder::ttl_fn`].
-#[derive(Debug, Clone, Copy)]
-pub struct TtlFn<G>(G);
-
-impl<Res, G> TtlPolicy<Res> for TtlFn<G>
-where
-    G: Fn(&Res) -> Option<Duration> + Clone + Send + Sync + 'static,
-{
-    #[inline]
-    fn ttl(&self, res: &Res) -> Option<Duration> {
-        (self.0)(res)
-    }
-}
-
-/// A TTL policy given to the builder (checked at `build()`): [`Unset`], [`FixedTtl`] or
-/// [`TtlFn`].
-pub trait TtlConfig {
-    /// `None` when unset; `Some(Some(ttl))` for a fixed TTL; `Some(None)` for a function.
-    #[doc(hidden)]
-    fn fixed(&self) -> Option<Option<Duration>>;
-}
-
-impl TtlConfig for Unset {
-    fn fixed(&self) -> Option<Option<Duration>> {
-        None
-    }
-}
-
-impl TtlConfig for FixedTtl {
-    fn fixed(&self) -> Option<Option<Duration>> {
-        Some(Some(self.0))
-    }
-}
-
-impl<G> TtlConfig for TtlFn<G> {
-    fn fixed(&self) -> Option<Option<Duration>> {
-        Some(None)
-    }
-}
+/// The default [refresh timeout](CacheBuilder::refresh_timeout): 30 s.
+pub const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The default capacity: 10,000 entries.
 pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
@@ -155,11 +110,12 @@ pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
 /// Required: [`key`](Self::key) (at compile time) and a TTL ([`ttl`](Self::ttl) or
 /// [`ttl_fn`](Self::ttl_fn); `build()` returns a [`ConfigError`] without one).
 #[must_use]
-pub struct CacheBuilder<Req = (), K = (), F = Unset, T = Unset, C = DefaultClassifier> {
+pub struct CacheBuilder<Req = (), K = (), F = Unset, T = Unset, C = DefaultClassifier, Z = Unset> {
     common: Common,
     key: F,
     ttl: T,
     classifier: C,
+    staleness: Z,
     beta: f64,
     max_entries: usize,
     max_staleness: Duration,
@@ -168,11 +124,11 @@ pub struct CacheBuilder<Req = (), K = (), F = Unset, T = Unset, C = DefaultClass
     mode: RefreshMode,
     random: Option<RandomFn>,
     seed: Option<u64>,
-    recompute_histogram: bool,
+    refresh_timeout: Duration,
     _types: PhantomData<fn(&Req) -> K>,
 }
 
-impl<Req, K, F, T, C> fmt::Debug for CacheBuilder<Req, K, F, T, C> {
+impl<Req, K, F, T, C, Z> fmt::Debug for CacheBuilder<Req, K, F, T, C, Z> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheBuilder")
             .field("common", &self.common)
@@ -182,6 +138,7 @@ impl<Req, K, F, T, C> fmt::Debug for CacheBuilder<Req, K, F, T, C> {
             .field("stale_retry_interval", &self.stale_retry_interval)
             .field("negative_ttl", &self.negative_ttl)
             .field("mode", &self.mode)
+            .field("refresh_timeout", &self.refresh_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -193,6 +150,7 @@ impl Default for CacheBuilder {
             key: Unset,
             ttl: Unset,
             classifier: DefaultClassifier,
+            staleness: Unset,
             beta: 1.0,
             max_entries: DEFAULT_MAX_ENTRIES,
             max_staleness: Duration::ZERO,
@@ -201,13 +159,13 @@ impl Default for CacheBuilder {
             mode: RefreshMode::Background,
             random: None,
             seed: None,
-            recompute_histogram: false,
+            refresh_timeout: DEFAULT_REFRESH_TIMEOUT,
             _types: PhantomData,
         }
     }
 }
 
-impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
+impl<Req, K, F, T, C, Z> CacheBuilder<Req, K, F, T, C, Z> {
     common_builder_methods!();
 
     /// The key function: `f(&req)` is the cache key of `req`, or `None` to pass the request
@@ -217,16 +175,28 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
     /// # Panics
     ///
     /// A panic of `f` unwinds out of the service's `call` (nothing changed).
-    pub fn key<Req2, K2, F2>(self, f: F2) -> CacheBuilder<Req2, K2, F2, T, C>
+    pub fn key<Req2, K2, F2>(self, f: F2) -> CacheBuilder<Req2, K2, F2, T, C, Z>
     where
         F2: Fn(&Req2) -> Option<K2> + Clone,
         K2: Hash + Eq + Clone + Send + Sync + 'static,
     {
+        self.with(|_, ttl, classifier, staleness| (f, ttl, classifier, staleness))
+    }
+
+    /// The builder with its key function, TTL, classifier and staleness policy replaced by
+    /// `change` of the current ones (the type-changing setters).
+    fn with<Req2, K2, F2, T2, C2, Z2>(
+        self,
+        change: impl FnOnce(F, T, C, Z) -> (F2, T2, C2, Z2),
+    ) -> CacheBuilder<Req2, K2, F2, T2, C2, Z2> {
+        let (key, ttl, classifier, staleness) =
+            change(self.key, self.ttl, self.classifier, self.staleness);
         CacheBuilder {
             common: self.common,
-            key: f,
-            ttl: self.ttl,
-            classifier: self.classifier,
+            key,
+            ttl,
+            classifier,
+            staleness,
             beta: self.beta,
             max_entries: self.max_entries,
             max_staleness: self.max_staleness,
@@ -235,38 +205,23 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
             mode: self.mode,
             random: self.random,
             seed: self.seed,
-            recompute_histogram: self.recompute_histogram,
+            refresh_timeout: self.refresh_timeout,
             _types: PhantomData,
         }
     }
 
-    fn with_ttl<T2>(self, ttl: T2) -> CacheBuilder<Req, K, F, T2, C> {
-        CacheBuilder {
-            common: self.common,
-            key: self.key,
-            ttl,
-            classifier: self.classifier,
-            beta: self.beta,
-            max_entries: self.max_entries,
-            max_staleness: self.max_staleness,
-            stale_retry_interval: self.stale_retry_interval,
-            negative_ttl: self.negative_ttl,
-            mode: self.mode,
-            random: self.random,
-            seed: self.seed,
-            recompute_histogram: self.recompute_histogram,
-            _types: PhantomData,
-        }
+    fn with_ttl<T2>(self, ttl: T2) -> CacheBuilder<Req, K, F, T2, C, Z> {
+        self.with(|key, _, classifier, staleness| (key, ttl, classifier, staleness))
     }
 
     /// A fixed time to live: an entry expires `ttl` after it was stored. Must be > 0.
-    pub fn ttl(self, ttl: Duration) -> CacheBuilder<Req, K, F, FixedTtl, C> {
+    pub fn ttl(self, ttl: Duration) -> CacheBuilder<Req, K, F, FixedTtl, C, Z> {
         self.with_ttl(FixedTtl(ttl))
     }
 
     /// A TTL computed from each successful response (e.g. from `Cache-Control: max-age`);
     /// `None` or a zero duration: the response is not stored.
-    pub fn ttl_fn<Res, G>(self, f: G) -> CacheBuilder<Req, K, F, TtlFn<G>, C>
+    pub fn ttl_fn<Res, G>(self, f: G) -> CacheBuilder<Req, K, F, TtlFn<G>, C, Z>
     where
         G: Fn(&Res) -> Option<Duration> + Clone + Send + Sync + 'static,
     {
@@ -275,23 +230,8 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
 
     /// The classifier: only responses it calls [`Success`](crate::classify::Outcome::Success)
     /// are stored; anything else counts as a failed fetch (default [`DefaultClassifier`]).
-    pub fn classifier<C2>(self, classifier: C2) -> CacheBuilder<Req, K, F, T, C2> {
-        CacheBuilder {
-            common: self.common,
-            key: self.key,
-            ttl: self.ttl,
-            classifier,
-            beta: self.beta,
-            max_entries: self.max_entries,
-            max_staleness: self.max_staleness,
-            stale_retry_interval: self.stale_retry_interval,
-            negative_ttl: self.negative_ttl,
-            mode: self.mode,
-            random: self.random,
-            seed: self.seed,
-            recompute_histogram: self.recompute_histogram,
-            _types: PhantomData,
-        }
+    pub fn classifier<C2>(self, classifier: C2) -> CacheBuilder<Req, K, F, T, C2, Z> {
+        self.with(|key, ttl, _, staleness| (key, ttl, classifier, staleness))
     }
 
     /// XFetch's `beta`, a finite number > 0 (default 1.0; above 1 refreshes earlier). Else
@@ -309,17 +249,57 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
     }
 
     /// How long past its expiry an entry may still be served when the upstream fails
-    /// (default zero: never serve stale). Past expiry plus this, reads of a failing key go
-    /// upstream (coalesced) each time unless a [`negative_ttl`](Self::negative_ttl) is set.
+    /// (default zero: never serve stale; `Duration::MAX`: for ever). The limit for every
+    /// entry, also when a [`staleness_fn`](Self::staleness_fn) allows more. Past expiry
+    /// plus this, reads of a failing key go upstream (coalesced) each time unless a
+    /// [`negative_ttl`](Self::negative_ttl) is set.
     pub fn max_staleness(mut self, d: Duration) -> Self {
         self.max_staleness = d;
         self
     }
 
-    /// After a failed fetch or refresh of a key, how long no request for that key goes
-    /// upstream (stale values are served meanwhile); > 0, default 1 s.
+    /// A per-response maximum staleness: `f(&res)` for each response about to be stored;
+    /// `None` means the configured [`max_staleness`](Self::max_staleness). The entry's
+    /// limit is the smaller of the two: `max_staleness` is the operator's bound, which a
+    /// response can only shorten. With the default `max_staleness` of zero nothing is ever
+    /// served stale, whatever `f` returns: to honour what responses allow (such as an HTTP
+    /// `stale-if-error=300`), set `max_staleness` to the most you accept (`Duration::MAX`
+    /// for no bound of your own).
+    ///
+    /// For HTTP, pass [`http::stale_allowance`](crate::http::stale_allowance) (RFC 9111
+    /// section 4.2.4 and RFC 5861): zero after `must-revalidate`, `proxy-revalidate`,
+    /// `no-cache` or `s-maxage`, the `stale-if-error` value when given, else `None`.
+    ///
+    /// Called as the [`StalenessPolicy`] docs say; a panic is a panic of the fetch.
+    pub fn staleness_fn<Res, G>(self, f: G) -> CacheBuilder<Req, K, F, T, C, StalenessFn<G>>
+    where
+        G: Fn(&Res) -> Option<Duration> + Clone + Send + Sync + 'static,
+    {
+        self.with(|key, ttl, classifier, _| (key, ttl, classifier, StalenessFn(f)))
+    }
+
+    /// The back-off of a key in outage: after a failed fetch or refresh of a key whose
+    /// value may still be served (fresh, or expired within its maximum staleness), how long
+    /// no request for that key goes upstream (reads get the value meanwhile); then one
+    /// retry, in the background. Without a value to serve, only a
+    /// [`negative_ttl`](Self::negative_ttl) holds reads back. > 0, default 1 s.
     pub fn stale_retry_interval(mut self, d: Duration) -> Self {
         self.stale_retry_interval = d;
+        self
+    }
+
+    /// How long a refresh may run, from its first poll (readiness of the inner service
+    /// included): an early refresh (either [mode](Self::refresh_mode)) or a retry during an
+    /// outage. Past it, the refresh fails with a [`Timeout`](ErrorKind::Timeout) error of
+    /// the cache: its upstream future is dropped, the failure is recorded (`refresh_errors`,
+    /// a [`TimedOut`](crate::event::EventKind::TimedOut) event, the key's back-off) and the
+    /// reads that joined it get the stale value or a [`FetchError`]. So a hung refresh never
+    /// pins its key. Fetches of misses have no such deadline (put a timeout layer under the
+    /// cache for them). > 0, default [`DEFAULT_REFRESH_TIMEOUT`]. Needs tokio's time driver,
+    /// like every tokio timer; outside a tokio runtime (an inline refresh driven by another
+    /// executor) the refresh runs without a deadline.
+    pub fn refresh_timeout(mut self, d: Duration) -> Self {
+        self.refresh_timeout = d;
         self
     }
 
@@ -360,14 +340,14 @@ impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C> {
         self
     }
 
-    /// Records `breakwater_cache_recompute_duration_seconds` (default off).
-    pub fn recompute_histogram(mut self, on: bool) -> Self {
-        self.recompute_histogram = on;
-        self
+    /// Same as [`record_durations`](Self::record_durations), which turns
+    /// `breakwater_cache_recompute_duration_seconds` on (default off), as for every layer.
+    pub fn recompute_histogram(self, on: bool) -> Self {
+        self.record_durations(on)
     }
 }
 
-impl<Req, K, F, T, C> CacheBuilder<Req, K, F, T, C>
+impl<Req, K, F, T, C, Z> CacheBuilder<Req, K, F, T, C, Z>
 where
     F: Fn(&Req) -> Option<K> + Clone,
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -379,8 +359,8 @@ where
     ///
     /// A [`ConfigError`] when the name is empty, no TTL was given or a fixed TTL is zero,
     /// `beta` is not a finite number > 0 (zero, negative, NaN, infinite), `max_entries` is
-    /// 0, `stale_retry_interval` is 0, or a negative TTL is 0.
-    pub fn build(self) -> Result<CacheLayer<Req, K, F, T, C>, ConfigError> {
+    /// 0, `stale_retry_interval` or `refresh_timeout` is 0, or a negative TTL is 0.
+    pub fn build(self) -> Result<CacheLayer<Req, K, F, T, C, Z>, ConfigError> {
         let v = self.common.validator(LayerKind::Cache)?;
         match self.ttl.fixed() {
             None => return Err(v.error("ttl", "unset", "a TTL: ttl(Duration) or ttl_fn(..)")),
@@ -390,6 +370,7 @@ where
         let beta = v.positive_finite("beta", self.beta)?;
         v.at_least_one("max_entries", self.max_entries as u64)?;
         v.positive_duration("stale_retry_interval", self.stale_retry_interval)?;
+        v.positive_duration("refresh_timeout", self.refresh_timeout)?;
         if let Some(ttl) = self.negative_ttl {
             v.positive_duration("negative_ttl", ttl)?;
         }
@@ -402,8 +383,11 @@ where
             early: reg.counter(&names::CACHE_EARLY_REFRESHES, &[]),
             errors: reg.counter(&names::CACHE_REFRESH_ERRORS, &[]),
             entries: reg.gauge(&names::CACHE_ENTRIES, &[]),
-            recompute: (self.recompute_histogram && reg.enabled())
+            recompute: reg
+                .durations(LayerKind::Cache, self.common.record_durations)
                 .then(|| reg.histogram(&names::CACHE_RECOMPUTE_DURATION, &[])),
+            fetches: reg.counter(&names::CACHE_FETCHES, &[]),
+            passed: reg.counter(&names::CACHE_PASSED_THROUGH, &[]),
             events: self.common.events(LayerKind::Cache),
             counts: Default::default(),
         };
@@ -418,6 +402,7 @@ where
             mode: self.mode,
             max_entries: self.max_entries,
             random: self.random.unwrap_or_else(|| store::splitmix(seed)),
+            refresh_timeout: self.refresh_timeout,
         };
         let state = Arc::new(LayerState {
             instruments: Arc::new(instruments),
@@ -438,6 +423,7 @@ where
             key: self.key,
             ttl: self.ttl,
             classifier: self.classifier,
+            staleness: self.staleness,
             _types: PhantomData,
         })
     }
@@ -448,27 +434,29 @@ where
 ///
 /// Cheap to clone (one `Arc`, the key function, the TTL policy and the classifier); every
 /// clone, and every service it makes, shares one store per response type.
-pub struct CacheLayer<Req, K, F, T, C = DefaultClassifier> {
+pub struct CacheLayer<Req, K, F, T, C = DefaultClassifier, Z = Unset> {
     state: Arc<LayerState>,
     key: F,
     ttl: T,
     classifier: C,
+    staleness: Z,
     _types: PhantomData<fn(&Req) -> K>,
 }
 
-impl<Req, K, F: Clone, T: Clone, C: Clone> Clone for CacheLayer<Req, K, F, T, C> {
+impl<Req, K, F: Clone, T: Clone, C: Clone, Z: Clone> Clone for CacheLayer<Req, K, F, T, C, Z> {
     fn clone(&self) -> Self {
         CacheLayer {
             state: self.state.clone(),
             key: self.key.clone(),
             ttl: self.ttl.clone(),
             classifier: self.classifier.clone(),
+            staleness: self.staleness.clone(),
             _types: PhantomData,
         }
     }
 }
 
-impl<Req, K, F, T, C> fmt::Debug for CacheLayer<Req, K, F, T, C> {
+impl<Req, K, F, T, C, Z> fmt::Debug for CacheLayer<Req, K, F, T, C, Z> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheLayer")
             .field("state", &self.state)
@@ -479,14 +467,14 @@ impl<Req, K, F, T, C> fmt::Debug for CacheLayer<Req, K, F, T, C> {
 impl CacheLayer<(), (), Unset, Unset> {
     /// A builder with defaults: name `"default"`, no key function and no TTL (both required),
     /// beta 1.0, [`DEFAULT_MAX_ENTRIES`], no stale serving, a 1 s retry interval, no negative
-    /// caching, background refresh, a randomly seeded random source, the default classifier
-    /// and metrics profile.
+    /// caching, background refresh with a [`DEFAULT_REFRESH_TIMEOUT`], no staleness function,
+    /// a randomly seeded random source, the default classifier and metrics profile.
     pub fn builder() -> CacheBuilder {
         CacheBuilder::default()
     }
 }
 
-impl<Req, K, F, T, C> CacheLayer<Req, K, F, T, C> {
+impl<Req, K, F, T, C, Z> CacheLayer<Req, K, F, T, C, Z> {
     /// A handle to this instance's state, for snapshots.
     pub fn handle(&self) -> CacheHandle {
         CacheHandle {
@@ -495,7 +483,7 @@ impl<Req, K, F, T, C> CacheLayer<Req, K, F, T, C> {
     }
 }
 
-impl<S, Req, K, F, T, C> Layer<S> for CacheLayer<Req, K, F, T, C>
+impl<S, Req, K, F, T, C, Z> Layer<S> for CacheLayer<Req, K, F, T, C, Z>
 where
     S: Service<Req>,
     S::Response: Clone + Send + Sync + 'static,
@@ -503,6 +491,7 @@ where
     F: Clone,
     T: TtlPolicy<S::Response>,
     C: Classify<S::Response>,
+    Z: StalenessPolicy<S::Response>,
 {
     type Service = Cache<S, K, S::Response, F, T, C>;
 
@@ -513,13 +502,15 @@ where
             .iter()
             .find_map(|s| s.clone().downcast::<Of<S, Req, K, T, C>>().ok());
         let typed = found.unwrap_or_else(|| {
+            let mut store = Store::new(
+                self.state.settings.clone(),
+                self.state.instruments.clone(),
+                self.classifier.clone(),
+                self.ttl.clone(),
+            );
+            store.staleness = self.staleness.function();
             let typed = Arc::new(Typed {
-                store: Store::new(
-                    self.state.settings.clone(),
-                    self.state.instruments.clone(),
-                    self.classifier.clone(),
-                    self.ttl.clone(),
-                ),
+                store,
                 fetches: Arc::new(Table::new(self.state.instruments.clone())),
             });
             stores.push(typed.clone());
@@ -541,9 +532,33 @@ impl CacheHandle {
         &self.state.instruments.name
     }
 
-    /// A snapshot: kind `cache`, no state; counters `hits`, `misses`, `stale`, `negative`
-    /// (lookups by result), `early_refreshes` and `refresh_errors`, since the layer was
-    /// built; gauge `entries` (entries held now, remembered failures included).
+    /// A snapshot: kind `cache`, no state; counters since the layer was built, gauge now.
+    ///
+    /// Every request with a key is one lookup, counted once in exactly one of `hits`,
+    /// `misses`, `stale` and `negative`:
+    ///
+    /// - `hits`: answered from a fresh entry, counted in `call` (also when it starts an
+    ///   early refresh, inline ones included);
+    /// - `stale`: answered with an expired value within its maximum staleness: counted in
+    ///   `call` for a read while its key backs off or retries in the background, and when
+    ///   its response future ends for a read whose fetch failed;
+    /// - `misses`: answered by a fetch (absent, or expired with nothing to serve instead),
+    ///   counted when its response future ends with the fetch's result, or when it is
+    ///   dropped before (a cancelled read is still a miss);
+    /// - `negative`: answered with a remembered failure (a negative TTL), counted in `call`.
+    ///
+    /// And: `early_refreshes`, XFetch refreshes started (counted in `call`); `fetches`,
+    /// upstream calls the cache made (fetches of misses, early refreshes and retries: each
+    /// counted once, when the inner service is called, however many reads shared it);
+    /// `refresh_errors`, fetches, refreshes and retries that failed (an error, a response
+    /// the classifier rejected, a panic, or a refresh past its timeout), counted when they
+    /// end; `passed_through`, requests with key `None` (sent upstream uncached, counted in
+    /// `call`, in no lookup). Gauge `entries`: entries held now, remembered failures
+    /// included.
+    ///
+    /// Without the cache's own coalescing, every miss would be a fetch: `misses` minus the
+    /// `fetches` of misses is what it saved (with no early refresh and no outage,
+    /// `misses - fetches`).
     pub fn snapshot(&self) -> Snapshot {
         let c = &self.state.instruments.counts;
         let get = |i: usize| c[i].load(Ordering::Relaxed);
@@ -554,6 +569,8 @@ impl CacheHandle {
             .with_counter("negative", get(store::NEGATIVE))
             .with_counter("early_refreshes", get(store::EARLY))
             .with_counter("refresh_errors", get(store::ERRORS))
+            .with_counter("fetches", get(store::FETCHES))
+            .with_counter("passed_through", get(store::PASSED))
             .with_gauge("entries", get(store::ENTRIES) as f64)
     }
 }

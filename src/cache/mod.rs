@@ -31,7 +31,8 @@
 //! # Semantics
 //!
 //! - **Keys.** The [key function](CacheBuilder::key) maps a request to `Some(key)`, or to
-//!   `None` to pass it through uncached and uncoalesced.
+//!   `None` to pass it through uncached and uncoalesced (counted in `passed_through`, not as
+//!   a lookup).
 //! - **Entries.** Only responses the [classifier](CacheBuilder::classifier) calls
 //!   [`Success`](crate::classify::Outcome::Success) are stored as values (with the HTTP
 //!   classifier, an `Ok` carrying a 503 is not). An entry holds the value, its **expiry** (a
@@ -39,8 +40,10 @@
 //!   [`ttl`](CacheBuilder::ttl) or computed from the response with
 //!   [`ttl_fn`](CacheBuilder::ttl_fn); a sum past the clock's range saturates at about 30
 //!   years from now) and its **delta** (a [`std::time::Duration`]: how long the upstream
-//!   computation that produced it took, from the first poll of the upstream call to its
-//!   result, on tokio's clock).
+//!   computation that produced it took, from the moment the inner service, ready, was
+//!   called to its response, on tokio's clock; time spent waiting for the inner service's
+//!   readiness, a full pool or a rate limiter's queue, is not part of it, so a congested
+//!   dependency does not get earlier and more frequent refreshes).
 //! - **Responses must be `Clone`** (`+ Send + Sync`): a hit returns a clone. HTTP users
 //!   buffer bodies to `Bytes` first (cheap clones); for large values map them to `Arc<_>`.
 //! - **Miss, or read after expiry**: the value is fetched through the coalescing core:
@@ -58,36 +61,61 @@
 //!   other read during it gets the stored value at once (stale-while-revalidate). When it
 //!   succeeds the new value, expiry and delta replace the old ones; when it fails the old
 //!   value stays.
-//! - **Serve-stale-on-error.** When a refresh or a fetch fails (an error, or a response the
-//!   classifier does not call a success), the failure is recorded
-//!   (`refresh_errors`, [`RefreshFailed`](crate::event::EventKind::RefreshFailed)), the
-//!   stored value is kept (a failure never overwrites a value that may still be served),
-//!   and for [`stale_retry_interval`](CacheBuilder::stale_retry_interval) no request for
-//!   that key goes upstream. A failed fetch is answered with the stored value while it is
-//!   within [`max_staleness`](CacheBuilder::max_staleness) of its expiry (and with a
-//!   [`FetchError`], or the response the classifier rejected, otherwise); reads while
-//!   backing off get that stale value at once. Past expiry plus the maximum staleness, a
-//!   value is never served.
-//! - **Past expiry plus the maximum staleness**, without a negative TTL, every read goes
-//!   upstream (concurrent reads coalesced into one call) and gets the failure when it
-//!   fails again: the back-off applies only while there is a stale value to serve. To
-//!   protect a failing upstream from that load, configure a negative TTL.
+//! - **Refresh timeout.** An early refresh (either mode), and a retry during an outage (see
+//!   below), fails when it runs past its first poll plus
+//!   [`refresh_timeout`](CacheBuilder::refresh_timeout) (default 30 s): a cache
+//!   [`Timeout`](crate::error::ErrorKind::Timeout) error, recorded like any failure, its
+//!   upstream future dropped. A hung refresh never pins its key: readers that joined it
+//!   after expiry get its failure then, and the next read goes upstream again.
+//! - **Outside a tokio runtime** (a `futures` executor, a synchronous caller), a read that
+//!   would start a background refresh starts nothing and leaves no flag behind (the next
+//!   read in the window inside a runtime may start it); a background retry is made by the
+//!   read itself, which waits for it. Inline refreshes run without a deadline there.
+//! - **Serve-stale-on-error.** When a fetch or a refresh fails (an error, a response the
+//!   classifier does not call a success, a panic, or a refresh past its timeout), the
+//!   failure is recorded (`refresh_errors` and one event, see [Events](#events)) and the
+//!   stored value is kept: a failure never overwrites a value that may still be served.
+//!   An entry may be served until its expiry plus its **maximum staleness**: the
+//!   configured [`max_staleness`](CacheBuilder::max_staleness) (default zero), or less when
+//!   its response allows less ([`staleness_fn`](CacheBuilder::staleness_fn); for HTTP,
+//!   [`stale_allowance`](crate::http::stale_allowance): zero after `must-revalidate`). A
+//!   failed fetch is answered with that value while it may be served (and with a
+//!   [`FetchError`], or the response the classifier rejected, otherwise). Past that
+//!   instant, a value is never served.
+//! - **Outage and back-off.** While a key's value may be served and its last fetch or
+//!   refresh failed, the key is in outage: for
+//!   [`stale_retry_interval`](CacheBuilder::stale_retry_interval) no request for it goes
+//!   upstream and reads get the stale value at once; then the first read starts one retry,
+//!   **in the background** (detached and coalesced, like a background early refresh, with
+//!   the refresh timeout), and it and every read during the retry get the stale value at
+//!   once. A failed retry starts a new interval; a successful one stores its value and ends
+//!   the outage. (The first fetch after expiry, before any failure, is waited for by its
+//!   readers: they get its new value, or the stale one when it fails.) A failed early
+//!   refresh of a fresh entry backs off its next early refresh the same way.
+//! - **Without a value to serve** (none stored, or past its expiry plus its maximum
+//!   staleness) there is no back-off: each read goes upstream (concurrent reads coalesced
+//!   into one call) and gets the failure when it fails again, unless a
+//!   [negative TTL](#negative-caching) is configured, which then is the back-off: the
+//!   failure is remembered and reads get it at once, with no upstream call, for that TTL.
 //!
 //! # Modes
 //!
 //! [`refresh_mode`](CacheBuilder::refresh_mode) chooses how an early refresh runs:
 //!
 //! - [`RefreshMode::Background`] (the default): **detached** through the coalescing core's
-//!   detached mode (a task on the current tokio runtime); the read that triggered it gets
-//!   the cached value at once, like every other read.
+//!   detached mode (a task on the current tokio runtime; none outside a runtime, see
+//!   above); the read that triggered it gets the cached value at once, like every other
+//!   read.
 //! - [`RefreshMode::Inline`], as in the paper: the read that triggered it waits for the new
 //!   value (driving the refresh on its own task; if it fails, that read gets the value it
-//!   found while that may still be served, counted as the hit it was). Concurrent reads during it still get the cached
-//!   value at once. If the waiting read is dropped, the refresh is dropped with it (it has
-//!   no other caller), and a later read in the window may start another.
+//!   found while that may still be served, counted as the hit it was). Concurrent reads
+//!   during it still get the cached value at once. If the waiting read is dropped, the
+//!   refresh is dropped with it (it has no other caller), and a later read in the window
+//!   may start another.
 //!
-//! Either way the refresh is a shared call of the coalescing core: a read that finds the
-//! entry expired while the refresh runs joins it instead of starting another call.
+//! Either way the refresh is a shared call of the coalescing core, with the refresh
+//! timeout: a read that finds the entry expired, with no value to serve instead, while the
+//! refresh runs joins it instead of starting another call.
 //!
 //! # Negative caching
 //!
@@ -100,6 +128,30 @@
 //! call, it is shared behind an `Arc` and each read gets a [`FetchError`] holding a clone
 //! of that `Arc` (a rejected response is cloned). A failure never replaces a value that may
 //! still be served. Remembered failures take entries of the capacity like values.
+//!
+//! # Events
+//!
+//! Through the builder's `on_event` listeners:
+//!
+//! - [`EarlyRefresh`](crate::event::EventKind::EarlyRefresh): a read started an XFetch
+//!   early refresh (one per `early_refreshes`);
+//! - [`StaleServed`](crate::event::EventKind::StaleServed): a read was answered with a
+//!   value past its expiry (one per `stale` lookup);
+//! - one per failed fetch, refresh or retry (one per `refresh_errors`):
+//!   [`RefreshFailed`](crate::event::EventKind::RefreshFailed) for an error or a response
+//!   the classifier did not call a success,
+//!   [`Panicked`](crate::event::EventKind::Panicked) when it panicked (the upstream call,
+//!   the classifier, the TTL or staleness function), or
+//!   [`TimedOut`](crate::event::EventKind::TimedOut) (`after` = the refresh timeout) for a
+//!   refresh past its deadline.
+//!
+//! # Metrics
+//!
+//! Lookups by result, early refreshes, refresh errors, fetches (upstream calls the cache
+//! made), passed-through requests, the entries gauge and, with `record_durations(true)`,
+//! the recompute histogram (delta). What each counts, and when, is in
+//! [`CacheHandle::snapshot`]; every read with a key is counted exactly once, also when it
+//! is cancelled.
 //!
 //! # Capacity and eviction
 //!
@@ -146,27 +198,30 @@
 //! `poll_ready` is always ready and reserves nothing. Fetches, refreshes and pass-through
 //! calls drive a clone of the inner service (polling its readiness first), hence the bound
 //! `S: Clone`. A miss allocates once (its shared fetch, boxed, so that the response future
-//! stays small); a read that finds a remembered failure allocates the boxed error; a hit
-//! allocates nothing.
+//! stays small); a refresh or retry also allocates its deadline timer and its task; a read
+//! that finds a remembered failure allocates the boxed error; a hit allocates nothing.
 //!
 //! # Concurrency
 //!
 //! Per-key state is an entry under a shard lock plus the coalescing core's in-flight table
-//! (checked in its own module); the only lock-free flag, "early refresh in flight", is set
-//! with one `swap` so exactly one reader starts a refresh. It is cleared under the shard's
-//! write lock when the refresh records its result, and otherwise by a guard the refresh
-//! owns, on every other exit: its upstream call panicked (the coalescing core catches the
-//! panic and drops the refresh), or it was dropped unfinished. So a panicking refresh never
-//! stops later early refreshes of its entry.
+//! (checked in its own module); the only lock-free flag, "refresh in flight" (an early
+//! refresh, or a retry during an outage), is set with one `swap` so exactly one reader
+//! starts a refresh. It is cleared under the shard's write lock when the refresh records
+//! its result (a success, a failure, its timeout), and otherwise by a guard the refresh
+//! owns, on every other exit: its poll panicked (the coalescing core catches the panic and
+//! drops the refresh; the guard records the failure), or it was dropped unfinished (every
+//! caller left, or its runtime shut down). A read that sets it and then finds no runtime to
+//! spawn the refresh on clears it at once. So no exit leaves the flag set.
 
 mod fill;
 mod layer;
+mod policy;
 mod service;
 mod store;
 
 pub use layer::{
-    CacheBuilder, CacheHandle, CacheLayer, DEFAULT_MAX_ENTRIES, FetchError, FixedTtl, TtlConfig,
-    TtlFn, Unset,
+    CacheBuilder, CacheHandle, CacheLayer, DEFAULT_MAX_ENTRIES, DEFAULT_REFRESH_TIMEOUT, FetchError,
 };
+pub use policy::{FixedTtl, StalenessFn, StalenessPolicy, TtlConfig, TtlFn, Unset};
 pub use service::{Cache, ResponseFuture};
 pub use store::{RefreshMode, TtlPolicy};

@@ -97,20 +97,28 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let Some(key) = (self.key)(&req) else {
+            self.typed.store.instruments.passed();
             return ResponseFuture::pass(Upstream::new(self.inner.clone(), req));
         };
         let typed = &self.typed;
         let ins = &typed.store.instruments;
         // The fill is boxed here (the core moves a boxed future as it is): one allocation
         // per fetch, and a response future whose size does not grow with the inner service's.
-        let fetch = |key: K, fill: Fill<S, Req, K, R, C, T>, fallback, inline| ResponseFuture {
-            kind: Kind::Fetch {
-                join: typed.fetches.join(key, Box::pin(fill) as BoxFuture<_>),
-                fallback,
-                inline,
-                ins: ins.clone(),
-            },
-        };
+        // `counted`: the read was counted in `call` (an inline refresh's hit).
+        let fetch =
+            |key: K, fill: Fill<S, Req, K, R, C, T>, fallback, counted: bool| ResponseFuture {
+                kind: Kind::Fetch {
+                    join: typed.fetches.join(key, Box::pin(fill) as BoxFuture<_>),
+                    fallback,
+                    tally: Tally {
+                        ins: ins.clone(),
+                        pending: !counted,
+                    },
+                },
+            };
+        // A detached refresh needs a runtime to run on; without one (another executor, a
+        // synchronous caller), nothing is spawned.
+        let runtime = || tokio::runtime::Handle::try_current().is_ok();
         match typed.store.lookup(&key, Instant::now()) {
             Lookup::Hit(value, None) => {
                 ins.lookup(HIT);
@@ -118,19 +126,41 @@ where
             }
             Lookup::Hit(value, Some(until)) => {
                 ins.lookup(HIT);
-                ins.early_refresh();
-                let fill = Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), true);
                 match typed.store.settings.mode {
+                    RefreshMode::Background if !runtime() => {
+                        // No runtime: no early refresh; the flag this read set is cleared.
+                        typed.store.end_refresh(&key);
+                        ResponseFuture::ready(Ok(value))
+                    }
                     RefreshMode::Background => {
+                        ins.early_refresh();
+                        let fill =
+                            Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), true);
                         drop(typed.fetches.spawn_detached(key, fill, None));
                         ResponseFuture::ready(Ok(value))
                     }
-                    RefreshMode::Inline => fetch(key, fill, Some((value, until)), true),
+                    RefreshMode::Inline => {
+                        ins.early_refresh();
+                        let fill =
+                            Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), true);
+                        fetch(key, fill, Some((value, until)), true)
+                    }
                 }
             }
             Lookup::Stale(value) => {
                 ins.lookup(STALE);
                 ResponseFuture::ready(Ok(value))
+            }
+            Lookup::Retry((value, until)) => {
+                let fill = Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), true);
+                if runtime() {
+                    ins.lookup(STALE);
+                    drop(typed.fetches.spawn_detached(key, fill, None));
+                    ResponseFuture::ready(Ok(value))
+                } else {
+                    // No runtime to retry in the background: this read retries and waits.
+                    fetch(key, fill, Some((value, until)), false)
+                }
             }
             Lookup::Failed(res) => {
                 ins.lookup(NEGATIVE);
@@ -141,6 +171,28 @@ where
                 fetch(key, fill, fallback, false)
             }
         }
+    }
+}
+
+/// Counts the lookup of a read that waits for a fetch exactly once: as `stale` or `miss`
+/// when it ends, as a `miss` when it is dropped before (unless it was counted in `call`: an
+/// inline refresh's hit).
+struct Tally {
+    ins: Arc<Instruments>,
+    pending: bool,
+}
+
+impl Tally {
+    fn count(&mut self, result: usize) {
+        if std::mem::take(&mut self.pending) {
+            self.ins.lookup(result);
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.count(MISS);
     }
 }
 
@@ -159,9 +211,7 @@ pin_project! {
             join: FetchJoin<K, R>,
             // The stored value to serve if the fetch fails, and until when.
             fallback: Option<Fallback<R>>,
-            // An inline early refresh (its read was counted as a hit).
-            inline: bool,
-            ins: Arc<Instruments>,
+            tally: Tally,
         },
         Pass { #[pin] fut: Upstream<S, Req> },
     }
@@ -226,8 +276,7 @@ where
             KindProj::Fetch {
                 join,
                 fallback,
-                inline,
-                ins,
+                tally,
             } => {
                 let Fetched { res, success } = std::task::ready!(Pin::new(join).poll(cx));
                 let fallback = match success {
@@ -238,10 +287,7 @@ where
                     Some((v, _)) => (STALE, Ok(v)),
                     None => (MISS, res.map_err(|e| FetchError::new(e).into())),
                 };
-                // An inline refresh's read was counted as a hit when it started.
-                if !*inline {
-                    ins.lookup(result);
-                }
+                tally.count(result);
                 Poll::Ready(out)
             }
         }

@@ -71,15 +71,25 @@ pub(crate) fn xfetch(
 /// The first instant at which a read of an entry stored at `stored`, expiring at `expiry`,
 /// with `delta`, can refresh early: `expiry - 746 * beta * delta` (one unit of
 /// `beta * delta` beyond [`xfetch`]'s bound, so float rounding never skips a read that could
-/// refresh), no earlier than `stored`; `expiry` when `delta` is zero. Reads before it skip
-/// XFetch entirely; reads after it run [`xfetch`], whose decision is exact.
+/// refresh); `expiry` when `delta` is zero. Reads before it skip XFetch entirely; reads after
+/// it run [`xfetch`], whose decision is exact.
+///
+/// Not clamped at `stored`: a read may come at an instant before the entry was stored (each
+/// paused tokio runtime has its own clock), and XFetch's condition holds for it too. When
+/// the subtraction leaves the clock's range, the window opens at the earliest instant found
+/// below `stored` (halving steps), before any read a clock can give in practice.
 fn window_start(stored: Instant, expiry: Instant, delta: Duration, beta: f64) -> Instant {
     if delta.is_zero() {
         return expiry;
     }
     let span = Duration::try_from_secs_f64(delta.as_secs_f64() * beta * (MAX_MINUS_LN_U + 1.0))
         .unwrap_or(Duration::MAX);
-    expiry.checked_sub(span).map_or(stored, |w| w.max(stored))
+    expiry.checked_sub(span).unwrap_or_else(|| {
+        (0..64)
+            .rev()
+            .find_map(|s| stored.checked_sub(Duration::from_secs(1 << s)))
+            .unwrap_or(stored)
+    })
 }
 
 /// `at + d`, saturating at about 30 years after `at` (tokio's own "far future") instead of
@@ -100,10 +110,14 @@ pub(crate) struct Instruments {
     pub(crate) errors: Counter,
     pub(crate) entries: Gauge,
     pub(crate) recompute: Option<Histogram>,
+    /// Upstream calls made by fetches, early refreshes and retries.
+    pub(crate) fetches: Counter,
+    /// Requests passed through uncached (key `None`).
+    pub(crate) passed: Counter,
     pub(crate) events: Events,
     /// Snapshot counts: hits, misses, stale, negative, early refreshes, refresh errors,
-    /// entries.
-    pub(crate) counts: [AtomicU64; 7],
+    /// entries, fetches, passed through.
+    pub(crate) counts: [AtomicU64; 9],
 }
 
 pub(crate) const HIT: usize = 0;
@@ -113,6 +127,20 @@ pub(crate) const NEGATIVE: usize = 3;
 pub(crate) const EARLY: usize = 4;
 pub(crate) const ERRORS: usize = 5;
 pub(crate) const ENTRIES: usize = 6;
+pub(crate) const FETCHES: usize = 7;
+pub(crate) const PASSED: usize = 8;
+
+/// How a fetch or refresh failed, for its event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// An error, or a response the classifier did not call a success: `RefreshFailed`.
+    Failed,
+    /// The upstream call (or the classifier, or the TTL or staleness function) panicked:
+    /// `Panicked`.
+    Panicked,
+    /// A refresh ran past its deadline: `TimedOut`.
+    TimedOut(Duration),
+}
 
 impl Instruments {
     #[inline]
@@ -130,10 +158,27 @@ impl Instruments {
         self.events.emit(|| EventKind::EarlyRefresh);
     }
 
-    fn refresh_failed(&self) {
+    fn refresh_failed(&self, how: Failure) {
         self.errors.increment(1);
         self.counts[ERRORS].fetch_add(1, Ordering::Relaxed);
-        self.events.emit(|| EventKind::RefreshFailed);
+        self.events.emit(|| match how {
+            Failure::Failed => EventKind::RefreshFailed,
+            Failure::Panicked => EventKind::Panicked,
+            Failure::TimedOut(after) => EventKind::TimedOut { after },
+        });
+    }
+
+    /// An upstream call started (a fetch, an early refresh or a retry).
+    pub(crate) fn fetched(&self) {
+        self.fetches.increment(1);
+        self.counts[FETCHES].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request passed through uncached.
+    #[inline]
+    pub(crate) fn passed(&self) {
+        self.passed.increment(1);
+        self.counts[PASSED].fetch_add(1, Ordering::Relaxed);
     }
 
     fn entries(&self, added: i64) {
@@ -170,7 +215,12 @@ pub(crate) struct Settings {
     pub(crate) mode: RefreshMode,
     pub(crate) max_entries: usize,
     pub(crate) random: RandomFn,
+    /// How long a refresh (early, or a retry during an outage) may run before it fails.
+    pub(crate) refresh_timeout: Duration,
 }
+
+/// A per-response maximum staleness (`None`: the configured one).
+pub(crate) type StaleFn<R> = Arc<dyn Fn(&R) -> Option<Duration> + Send + Sync>;
 
 /// The value a shared fetch gives its callers: the response, or the upstream error shared
 /// by all of them.
@@ -232,6 +282,11 @@ pub(crate) enum Lookup<R> {
     Failed(Shared<R>),
     /// Nothing usable: fetch, falling back on the expired value when there is one.
     Fetch(Option<Fallback<R>>),
+    /// An expired value within its maximum staleness whose key is in outage (its last fetch
+    /// failed) and whose back-off is over: this read set the refresh flag and starts the
+    /// retry in the background; it is served the value, like every read while the retry
+    /// runs.
+    Retry(Fallback<R>),
 }
 
 /// What a read found, decided under the shard lock; the value is cloned after it.
@@ -240,7 +295,11 @@ enum Found {
     Hit,
     /// Fresh, within its XFetch window: expiry, delta, stale-until.
     Window(Instant, Duration, Instant),
+    /// Expired, servable, backing off or a retry in flight.
     Stale,
+    /// Expired, servable, in outage, back-off over: this read set the flag and retries.
+    Retry(Instant),
+    /// Expired, servable, not in outage: fetch, falling back on the value.
     Fallback(Instant),
     Failed,
     /// Nothing usable.
@@ -302,11 +361,28 @@ pub(crate) struct Store<K, R, C, T> {
     pub(crate) instruments: Arc<Instruments>,
     classifier: C,
     ttl: T,
+    /// The per-response maximum staleness, when set.
+    pub(crate) staleness: Option<StaleFn<R>>,
 }
 
-/// How long a response may be stored.
-pub trait TtlPolicy<Res>: Clone + Send + Sync + 'static {
-    /// The TTL of `res`, or `None` to not store it.
+/// How long a response may be stored: [`FixedTtl`](super::FixedTtl) (from
+/// [`ttl`](super::CacheBuilder::ttl)) or [`TtlFn`](super::TtlFn) (from
+/// [`ttl_fn`](super::CacheBuilder::ttl_fn)). Sealed: the builder is the only way to give one.
+///
+/// Called once per upstream result that the classifier calls a success (a fetch, an early
+/// refresh or a retry), on the task that drove the upstream call, before the result is
+/// stored or handed to any caller; never on the hit path.
+pub trait TtlPolicy<Res>: super::policy::Sealed + Clone + Send + Sync + 'static {
+    /// The TTL of `res`: the entry expires that long after it was stored (a sum past the
+    /// clock's range saturates at about 30 years). `None` or a zero duration: `res` is
+    /// returned to its callers but not stored (the value already stored, if any, stays).
+    ///
+    /// # Panics
+    ///
+    /// A panic here is a panic of the fetch: it is caught like a panic of the upstream call
+    /// (the driving reader's task panics, the other callers get a
+    /// [`Panicked`](crate::error::ErrorKind::Panicked) error, the failure is recorded), and
+    /// nothing is stored.
     fn ttl(&self, res: &Res) -> Option<Duration>;
 }
 
@@ -315,6 +391,9 @@ pub(crate) struct Verdict {
     success: bool,
     /// The TTL to store it with (a success with a TTL > 0 only).
     ttl: Option<Duration>,
+    /// How long past its expiry it may be served: the configured maximum staleness, or the
+    /// response's own allowance when smaller.
+    stale_for: Duration,
 }
 
 impl Verdict {
@@ -357,6 +436,7 @@ where
             instruments,
             classifier,
             ttl,
+            staleness: None,
         }
     }
 
@@ -410,13 +490,13 @@ where
                     Found::Hit
                 }
             }
-            Stored::Value(_) if now < e.stale_until => {
-                if e.retry_at.is_some_and(|t| now < t) {
-                    Found::Stale
-                } else {
-                    Found::Fallback(e.stale_until)
-                }
-            }
+            Stored::Value(_) if now < e.stale_until => match e.retry_at {
+                Some(t) if now < t => Found::Stale,
+                // In outage: one reader starts the retry, every read gets the value.
+                Some(_) if e.refreshing.swap(true, Ordering::AcqRel) => Found::Stale,
+                Some(_) => Found::Retry(e.stale_until),
+                None => Found::Fallback(e.stale_until),
+            },
             Stored::Failed(_) if now < e.expiry => Found::Failed,
             _ => Found::Gone,
         }
@@ -442,6 +522,7 @@ where
             }
             (Stored::Value(v), Found::Hit) => Lookup::Hit(v.clone(), None),
             (Stored::Value(v), Found::Stale) => Lookup::Stale(v.clone()),
+            (Stored::Value(v), Found::Retry(until)) => Lookup::Retry((v.clone(), until)),
             (Stored::Value(v), Found::Fallback(until)) => Lookup::Fetch(Some((v.clone(), until))),
             (Stored::Value(_), Found::Failed) => Lookup::Fetch(None),
         }
@@ -490,14 +571,23 @@ where
             Ok(r) if success => self.ttl.ttl(r).filter(|t| !t.is_zero()),
             _ => None,
         };
-        Verdict { success, ttl }
+        let max = self.settings.max_staleness;
+        let stale_for = match (res, &self.staleness, ttl) {
+            (Ok(r), Some(f), Some(_)) => f(r).map_or(max, |d| d.min(max)),
+            _ => max,
+        };
+        Verdict {
+            success,
+            ttl,
+            stale_for,
+        }
     }
 
     /// Records the result of an upstream computation for `key` that took `delta`.
     pub(crate) fn finish(&self, key: K, res: &Shared<R>, verdict: &Verdict, delta: Duration) {
         let now = Instant::now();
         if !verdict.success {
-            return self.failed(key, res, now);
+            return self.failed(key, res, now, Failure::Failed);
         }
         if let Some(h) = &self.instruments.recompute {
             h.record(delta.as_secs_f64());
@@ -514,7 +604,7 @@ where
             value: Arc::new(Stored::Value(value.clone())),
             expiry,
             window: window_start(now, expiry, delta, self.settings.beta),
-            stale_until: later(expiry, self.settings.max_staleness),
+            stale_until: later(expiry, verdict.stale_for),
             delta,
             refreshing: AtomicBool::new(false),
             referenced: AtomicBool::new(false),
@@ -526,8 +616,8 @@ where
     /// A failed computation: the failure is counted, the stored value kept (and, while it
     /// may be served, its key backs off); with a negative TTL, a key with no value left to
     /// serve remembers the failure.
-    fn failed(&self, key: K, res: &Shared<R>, now: Instant) {
-        self.instruments.refresh_failed();
+    pub(crate) fn failed(&self, key: K, res: &Shared<R>, now: Instant, how: Failure) {
+        self.instruments.refresh_failed(how);
         let s = &self.settings;
         let until = s.negative_ttl.map(|ttl| later(now, ttl));
         // The failure to remember is cloned before the lock is taken.

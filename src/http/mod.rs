@@ -22,13 +22,14 @@
 //!   `Retry-After`, for server-side use.
 //!
 //! Wire a cache for HTTP as below: `ttl_fn` returns `None` (do not store) for what must not
-//! be shared.
+//! be shared, and `staleness_fn` keeps a response from being served stale longer than it
+//! allows (within the cache's own `max_staleness`).
 //!
 //! ```
 //! # #[cfg(feature = "cache")] {
 //! use http::{Request, Response};
 //! use tower_breakwater::cache::CacheLayer;
-//! use tower_breakwater::http::{HttpClassifier, HttpKey, is_storable, max_age};
+//! use tower_breakwater::http::{HttpClassifier, HttpKey, is_storable, max_age, stale_allowance};
 //!
 //! let keys = HttpKey::new();
 //! let rules = keys.clone();
@@ -39,6 +40,8 @@
 //!         is_storable(res, &rules).then(|| max_age(res)).flatten()
 //!     })
 //!     .classifier(HttpClassifier::new())
+//!     .max_staleness(std::time::Duration::from_secs(300))
+//!     .staleness_fn(stale_allowance::<bytes::Bytes>)
 //!     .build()
 //!     .unwrap();
 //! # let _ = layer;

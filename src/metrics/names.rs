@@ -310,6 +310,23 @@ pub const CACHE_RECOMPUTE_DURATION: MetricSpec = histogram(
     "Duration of upstream computations that filled the cache, in seconds.",
 );
 
+/// Upstream calls the cache made: fetches of misses, early refreshes and retries during an
+/// outage, each counted once however many reads shared it (pass-throughs not included).
+pub const CACHE_FETCHES: MetricSpec = counter(
+    "breakwater_cache_fetches_total",
+    Unit::Count,
+    &[],
+    "Upstream calls made by the cache: fetches, early refreshes, retries.",
+);
+
+/// Requests passed through uncached and uncoalesced (their key function returned `None`).
+pub const CACHE_PASSED_THROUGH: MetricSpec = counter(
+    "breakwater_cache_passed_through_total",
+    Unit::Count,
+    &[],
+    "Requests the cache passed through uncached (no key).",
+);
+
 /// Every metric above.
 pub const ALL: &[&MetricSpec] = &[
     &TIMEOUT_CALLS,
@@ -341,6 +358,8 @@ pub const ALL: &[&MetricSpec] = &[
     &CACHE_REFRESH_ERRORS,
     &CACHE_ENTRIES,
     &CACHE_RECOMPUTE_DURATION,
+    &CACHE_FETCHES,
+    &CACHE_PASSED_THROUGH,
 ];
 
 #[cfg(test)]

@@ -217,15 +217,15 @@ where
     }
 }
 
-impl<Req, K, F, T, Cl> sealed::Sealed for CacheBuilder<Req, K, F, T, Cl> {}
+impl<Req, K, F, T, Cl, Z> sealed::Sealed for CacheBuilder<Req, K, F, T, Cl, Z> {}
 
-impl<Req, K, F, T, Cl> Pending for CacheBuilder<Req, K, F, T, Cl>
+impl<Req, K, F, T, Cl, Z> Pending for CacheBuilder<Req, K, F, T, Cl, Z>
 where
     F: Fn(&Req) -> Option<K> + Clone,
     K: Hash + Eq + Clone + Send + Sync + 'static,
     T: TtlConfig,
 {
-    type Layer = CacheLayer<Req, K, F, T, Cl>;
+    type Layer = CacheLayer<Req, K, F, T, Cl, Z>;
 
     fn build_layer(self, c: &CommonSettings) -> Result<Self::Layer, ConfigError> {
         common!(c, self, c.name.clone()).build()
@@ -394,10 +394,11 @@ impl<C, R, K, Ca> DependencyBuilder<C, R, K, Ca> {
     /// the preset's: what may be stored is a separate question from what counts as a failure.
     /// For HTTP, set [`HttpClassifier`](crate::http::HttpClassifier) in `configure` so a `503`
     /// is never stored.
-    pub fn cache<Req, K2, F, T, Cl>(
+    #[allow(clippy::type_complexity)] // the cache builder's six type parameters
+    pub fn cache<Req, K2, F, T, Cl, Z>(
         self,
-        configure: impl FnOnce(CacheBuilder) -> CacheBuilder<Req, K2, F, T, Cl>,
-    ) -> DependencyBuilder<C, R, K, CacheBuilder<Req, K2, F, T, Cl>> {
+        configure: impl FnOnce(CacheBuilder) -> CacheBuilder<Req, K2, F, T, Cl, Z>,
+    ) -> DependencyBuilder<C, R, K, CacheBuilder<Req, K2, F, T, Cl, Z>> {
         let cache = configure(CacheLayer::builder());
         let (base, classifier, rate_limit, coalesce, _) = self.into_parts();
         DependencyBuilder::from_parts(base, classifier, rate_limit, coalesce, cache)
@@ -617,7 +618,7 @@ impl<C, R, Req, K2, F, Ca> DependencyLayer<C, R, CoalesceLayer<Req, K2, F>, Ca> 
     }
 }
 
-impl<C, R, K, Req, K2, F, T, Cl> DependencyLayer<C, R, K, CacheLayer<Req, K2, F, T, Cl>> {
+impl<C, R, K, Req, K2, F, T, Cl, Z> DependencyLayer<C, R, K, CacheLayer<Req, K2, F, T, Cl, Z>> {
     /// The cache's handle (snapshot), when the preset has one.
     pub fn cache(&self) -> CacheHandle {
         self.parts.cache.handle()
