@@ -153,10 +153,11 @@ async fn every_layer_carries_the_dependency_name() {
         registered(&registry),
         vec![
             ("fraud".to_owned(), LayerKind::RateLimiter),
-            ("fraud:deadline".to_owned(), LayerKind::Timeout),
             ("fraud".to_owned(), LayerKind::Bulkhead),
             ("fraud".to_owned(), LayerKind::CircuitBreaker),
             ("fraud".to_owned(), LayerKind::Timeout),
+            // Last: its default is computed from the built layers' settings.
+            ("fraud:deadline".to_owned(), LayerKind::Timeout),
         ]
     );
 }
@@ -180,10 +181,11 @@ async fn with_cache_and_coalescing_every_layer_carries_the_dependency_name() {
             ("profiles".to_owned(), LayerKind::Cache),
             ("profiles".to_owned(), LayerKind::Coalesce),
             ("profiles".to_owned(), LayerKind::RateLimiter),
-            ("profiles:deadline".to_owned(), LayerKind::Timeout),
             ("profiles".to_owned(), LayerKind::Bulkhead),
             ("profiles".to_owned(), LayerKind::CircuitBreaker),
             ("profiles".to_owned(), LayerKind::Timeout),
+            // Last: its default is computed from the built layers' settings.
+            ("profiles:deadline".to_owned(), LayerKind::Timeout),
         ]
     );
     assert_eq!(layer.cache().name(), "profiles");

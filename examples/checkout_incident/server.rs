@@ -3,7 +3,8 @@
 //! - `POST /fraud-check`: a fixed pool of workers, each request holding one for the base
 //!   service time; requests beyond the pool queue (FIFO), so a traffic spike turns into
 //!   seconds of latency. During an outage every request takes `outage_delay` and answers
-//!   `503 Service Unavailable`.
+//!   `503 Service Unavailable`: a client that waits that long sees an error, one whose
+//!   timeout is shorter sees a timeout.
 //! - `GET /merchants/{id}/risk`: a cacheable lookup taking `risk_time`, with
 //!   `Cache-Control: max-age=..`.
 //!

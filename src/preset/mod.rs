@@ -53,6 +53,36 @@
 //! response. Cache and coalescing are off by default because they need `Response: Clone`
 //! (every caller of a shared call, and every hit, gets a clone).
 //!
+//! # The overall deadline and the breaker
+//!
+//! The deadline sits outside the breaker, so a call it cuts off is, for the breaker, a call
+//! dropped before it finished: a **cancellation, counted neither as a success nor as a
+//! failure** (see [`circuit_breaker`](crate::circuit_breaker)). Only the per-call timeout,
+//! inside the breaker, turns a slow call into a failure. Hence:
+//!
+//! - **The default deadline never cuts a call short of its call timeout.** It is the sum of
+//!   the limiter's maximum wait, the bulkhead's maximum wait and the call timeout. A call
+//!   waits less than each maximum before it is admitted (at the maximum it is refused), so
+//!   its call timeout starts at most the two waits after the deadline started and fires no
+//!   later than the deadline: every slow call ends in the per-call timeout and counts.
+//! - **A deadline shorter than the call timeout is a [`ConfigError`]** (field `deadline`):
+//!   the call timeout could never fire and slow calls would never count.
+//! - **A deadline between the call timeout and the sum** bounds what the caller waits more
+//!   tightly, at a price: a call that waited `w` for its rate-limit slot or its permit has
+//!   `deadline - w` left to run; if that is less than the call timeout and the dependency is
+//!   slow, the deadline cancels it first. The caller gets an [`ErrorKind::Timeout`] named
+//!   `"<name>:deadline"`, the dependency's late answer is discarded, and the breaker counts
+//!   nothing. Calls that did not wait still run their full call timeout and count, so the
+//!   breaker still opens on a slow dependency when some calls get through without waiting;
+//!   under a permanent queue it may not. To keep slow calls counted, prefer shorter waits
+//!   ([`concurrency`](DependencyBuilder::concurrency)'s and
+//!   [`rate_limit`](DependencyBuilder::rate_limit)'s `max_wait`) to a shorter deadline, or
+//!   turn on the breaker's slow-call detection (a `slow_call_duration` below `deadline -
+//!   max waits` and a `slow_call_rate_threshold`): a cancelled call that ran longer than
+//!   that duration counts as slow.
+//!
+//! [`ErrorKind::Timeout`]: crate::error::ErrorKind::Timeout
+//!
 //! # Cache and coalescing together
 //!
 //! The cache coalesces its own misses (concurrent misses of one key make one fetch) and runs
@@ -109,6 +139,7 @@ use crate::circuit_breaker::{CircuitBreakerBuilder, CircuitBreakerHandle, Circui
 use crate::classify::DefaultClassifier;
 use crate::coalesce::{CoalesceBuilder, CoalesceHandle, CoalesceLayer};
 use crate::config::ConfigError;
+use crate::error::LayerKind;
 use crate::event::{Event, Listener};
 use crate::metrics::MetricsProfile;
 use crate::rate_limit::{RateLimitBuilder, RateLimitHandle, RateLimitLayer};
@@ -243,13 +274,11 @@ impl Dependency {
         DependencyBuilder {
             base: Base {
                 name: name.into(),
-                call_timeout: DEFAULT_CALL_TIMEOUT,
                 deadline: None,
-                concurrency: (DEFAULT_CONCURRENCY, Duration::ZERO),
                 limiter_wait: Duration::ZERO,
-                timeout: TimeoutLayer::builder(),
+                timeout: TimeoutLayer::builder().timeout(DEFAULT_CALL_TIMEOUT),
                 breaker: CircuitBreakerLayer::builder(),
-                bulkhead: BulkheadLayer::builder(),
+                bulkhead: BulkheadLayer::builder().max_concurrent_calls(DEFAULT_CONCURRENCY),
                 profile: None,
                 registry: None,
                 listeners: Vec::new(),
@@ -263,12 +292,11 @@ impl Dependency {
     }
 }
 
-/// The settings that do not change the builder's type.
+/// The settings that do not change the builder's type. The per-call timeout and the
+/// bulkhead's settings live in their builders only, whichever method set them last.
 struct Base {
     name: Arc<str>,
-    call_timeout: Duration,
     deadline: Option<Duration>,
-    concurrency: (usize, Duration),
     limiter_wait: Duration,
     timeout: TimeoutBuilder,
     breaker: CircuitBreakerBuilder,
@@ -297,9 +325,9 @@ impl<C, R, K, Ca> std::fmt::Debug for DependencyBuilder<C, R, K, Ca> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DependencyBuilder")
             .field("name", &self.base.name)
-            .field("call_timeout", &self.base.call_timeout)
+            .field("timeout", &self.base.timeout)
             .field("deadline", &self.base.deadline)
-            .field("concurrency", &self.base.concurrency)
+            .field("bulkhead", &self.base.bulkhead)
             .finish_non_exhaustive()
     }
 }
@@ -325,15 +353,19 @@ impl<C, R, K, Ca> DependencyBuilder<C, R, K, Ca> {
         }
     }
 
-    /// The per-call timeout (default [`DEFAULT_CALL_TIMEOUT`]); must be > 0.
+    /// The per-call timeout (default [`DEFAULT_CALL_TIMEOUT`]); must be > 0. The same
+    /// setting as [`TimeoutBuilder::timeout`] in
+    /// [`configure_timeout`](Self::configure_timeout): the last call wins.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
-        self.base.call_timeout = timeout;
+        self.base.timeout = self.base.timeout.timeout(timeout);
         self
     }
 
     /// The overall deadline around limiter wait, bulkhead wait and call (default: the sum of
-    /// the limiter's maximum wait, the bulkhead's maximum wait and the call timeout); must be
-    /// > 0.
+    /// the limiter's maximum wait, the bulkhead's maximum wait and the call timeout, as the
+    /// built layers hold them); must be > 0 and at least the call timeout. A deadline below
+    /// the sum cuts off calls that waited; see
+    /// [The overall deadline and the breaker](crate::preset#the-overall-deadline-and-the-breaker).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.base.deadline = Some(deadline);
         self
@@ -341,9 +373,15 @@ impl<C, R, K, Ca> DependencyBuilder<C, R, K, Ca> {
 
     /// The bulkhead: at most `max` calls in flight, a call waiting at most `max_wait` for a
     /// permit (zero: rejected at once, load shedding). Default: [`DEFAULT_CONCURRENCY`], no
-    /// wait.
+    /// wait. The same settings as [`BulkheadBuilder::max_concurrent_calls`] and
+    /// [`BulkheadBuilder::max_wait`] in [`configure_bulkhead`](Self::configure_bulkhead):
+    /// the last call wins.
     pub fn concurrency(mut self, max: usize, max_wait: Duration) -> Self {
-        self.base.concurrency = (max, max_wait);
+        self.base.bulkhead = self
+            .base
+            .bulkhead
+            .max_concurrent_calls(max)
+            .max_wait(max_wait);
         self
     }
 
@@ -422,8 +460,10 @@ impl<C, R, K, Ca> DependencyBuilder<C, R, K, Ca> {
         self
     }
 
-    /// Changes other settings of the per-call timeout (e.g. `per_request` is not available
-    /// here; use the layers directly for that).
+    /// Changes settings of the per-call timeout: its [`timeout`](TimeoutBuilder::timeout) is
+    /// the one of [`call_timeout`](Self::call_timeout) (the last call wins). Its name,
+    /// classifier and common settings are the preset's (`per_request` is not available here;
+    /// use the layers directly for that).
     pub fn configure_timeout(
         mut self,
         configure: impl FnOnce(TimeoutBuilder) -> TimeoutBuilder,
@@ -432,7 +472,9 @@ impl<C, R, K, Ca> DependencyBuilder<C, R, K, Ca> {
         self
     }
 
-    /// Changes other settings of the bulkhead (e.g. `max_waiting`).
+    /// Changes settings of the bulkhead (e.g. `max_waiting`); its `max_concurrent_calls` and
+    /// `max_wait` are those of [`concurrency`](Self::concurrency) (the last call wins). Its
+    /// name and common settings are the preset's.
     pub fn configure_bulkhead(
         mut self,
         configure: impl FnOnce(BulkheadBuilder) -> BulkheadBuilder,
@@ -503,12 +545,16 @@ where
     Ca::Layer: Clone,
 {
     /// Validates every layer's configuration, registers their metric handles and returns the
-    /// stack as one layer.
+    /// stack as one layer. Layers join the registry from the caller inwards, except the
+    /// overall deadline, which joins last: its default is computed from the built layers.
     ///
     /// # Errors
     ///
     /// The first layer's [`ConfigError`]: a zero call timeout or deadline, a zero bulkhead
-    /// size, an invalid breaker, rate-limiter or cache setting (no TTL, ...), an empty name.
+    /// size, an invalid breaker, rate-limiter or cache setting (no TTL, ...), an empty name;
+    /// or, for the layer named `"<name>:deadline"` and field `deadline`, a deadline shorter
+    /// than the call timeout (the call timeout could never fire, so slow calls would be
+    /// cancelled outside the breaker and never count against the dependency).
     pub fn build(self) -> Result<Built<C, R, K, Ca>, ConfigError> {
         let base = self.base;
         let name = base.name.clone();
@@ -522,26 +568,34 @@ where
         let cache = self.cache.build_layer(&c)?;
         let coalesce = self.coalesce.build_layer(&c)?;
         let rate_limit = self.rate_limit.build_layer(&c)?;
-        let deadline = base.deadline.unwrap_or_else(|| {
-            base.call_timeout
-                .saturating_add(base.concurrency.1)
-                .saturating_add(base.limiter_wait)
-        });
-        let deadline_layer = common!(&c, TimeoutLayer::builder(), format!("{name}:deadline"))
-            .timeout(deadline)
-            .build()?;
-        let bulkhead = common!(&c, base.bulkhead, name.clone())
-            .max_concurrent_calls(base.concurrency.0)
-            .max_wait(base.concurrency.1)
-            .build()?;
+        let bulkhead = common!(&c, base.bulkhead, name.clone()).build()?;
         let breaker = common!(&c, base.breaker, name.clone())
             .classifier(self.classifier.clone())
             .build()?;
         let timeout = common!(&c, base.timeout, name.clone())
-            .timeout(base.call_timeout)
             .classifier(self.classifier)
             .build()?;
-        let (breaker_handle, bulkhead_handle) = (breaker.handle(), bulkhead.handle());
+        let call_timeout = timeout.handle().timeout();
+        let bulkhead_handle = bulkhead.handle();
+        let deadline = base.deadline.unwrap_or_else(|| {
+            call_timeout
+                .saturating_add(bulkhead_handle.max_wait())
+                .saturating_add(base.limiter_wait)
+        });
+        let deadline_name: Arc<str> = format!("{name}:deadline").into();
+        let deadline_layer = common!(&c, TimeoutLayer::builder(), deadline_name.clone())
+            .timeout(deadline)
+            .build()?;
+        if deadline < call_timeout {
+            return Err(ConfigError::new(
+                LayerKind::Timeout,
+                &deadline_name,
+                "deadline",
+                deadline,
+                "a duration >= the call timeout",
+            ));
+        }
+        let breaker_handle = breaker.handle();
         let parts = Parts {
             rate_limit: rate_limit.clone(),
             coalesce: coalesce.clone(),
