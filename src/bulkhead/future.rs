@@ -251,6 +251,7 @@ where
 {
     type Output = Result<M::Output<Permit>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         // Whatever this poll holds (its ticket or its permit) is moved into a local while

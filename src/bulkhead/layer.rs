@@ -60,7 +60,7 @@ impl Shared {
     ///
     /// The permit or the place in the queue is owned by its RAII value before any metric
     /// handle runs, so a panicking recorder cannot leak it.
-    #[inline]
+    #[inline(always)]
     pub(super) fn admit(self: &Arc<Self>) -> Admission {
         if self.sem.try_acquire() {
             let permit = Permit::new(self.clone());

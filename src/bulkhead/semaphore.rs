@@ -235,11 +235,13 @@ impl Semaphore {
     }
 
     /// Permits free now.
+    #[inline]
     pub(super) fn available(&self) -> u32 {
         available(self.state.load(Ordering::Acquire))
     }
 
     /// Callers queued now.
+    #[inline]
     pub(super) fn waiting(&self) -> u32 {
         waiting(self.state.load(Ordering::Acquire))
     }
