@@ -588,3 +588,54 @@ async fn read_after_expiry_during_hung_early_refresh_gets_stale_at_once() {
     );
     assert_eq!(counts(&h)[..4], [1, 1, 1, 0]);
 }
+
+/// A long outage with reads every 500 ms: the upstream is tried once at expiry, then once
+/// per back-off interval (each retry in the background, its back-off restarting when it
+/// fails), and never after the value stops being servable without a read asking.
+#[tokio::test(start_paused = true)]
+async fn long_outage_tries_upstream_once_per_interval() {
+    let up = Up::new(|n| if n == 1 { OK } else { FAIL });
+    let layer = base("outage")
+        .max_staleness(100 * S)
+        .stale_retry_interval(10 * S)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(up.service());
+    assert_eq!(get(&mut svc, 1).await.unwrap(), 1);
+    advance(60 * S).await;
+    for _ in 0..200 {
+        // 60.0, 60.5, ..., 159.5: every read is served the stale value.
+        assert_eq!(get(&mut svc, 1).await.unwrap(), 1);
+        run_tasks().await;
+        advance(ms(500)).await;
+    }
+    // The fetch at 60, retries at 70, 80, ..., 150.
+    assert_eq!(up.calls.get(), 11);
+    assert_eq!(counts(&h), [0, 1, 200, 0, 0, 10, 11]);
+    // 160: nothing servable: the read fetches and gets the error.
+    assert!(get(&mut svc, 1).await.is_err());
+    assert_eq!(up.calls.get(), 12);
+    assert_lookups(&h, 202);
+    assert_eq!(entries(&h), 1.0);
+}
+
+/// Several shards (capacity 1,000): after 2,000 distinct keys exactly 1,000 are held, the
+/// gauge says so, and reading every key finds exactly those (the others would fetch).
+#[tokio::test(start_paused = true)]
+async fn capacity_is_exact_across_shards() {
+    let up = Up::new(|n| if n <= 2_000 { OK } else { HANG });
+    let layer = base("shards").max_entries(1_000).build().unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(up.service());
+    for k in 1..=2_000u64 {
+        assert_eq!(get(&mut svc, k).await.unwrap(), k);
+    }
+    assert_eq!(entries(&h), 1_000.0);
+    let held = (1..=2_000u64)
+        .filter(|&k| svc.call(k).now_or_never().is_some())
+        .count();
+    assert_eq!(held, 1_000);
+    assert_eq!(counts(&h)[..2], [1_000, 3_000]);
+    assert_eq!(entries(&h), 1_000.0);
+}
