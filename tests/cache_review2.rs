@@ -136,6 +136,17 @@ fn base(name: &str) -> CacheBuilder<u64, u64, KeyFn, FixedTtl> {
         .ttl(60 * S)
 }
 
+/// [`base`] serving values up to `stale` past expiry, backing off `interval` in outage.
+fn outage(
+    name: &str,
+    stale: Duration,
+    interval: Duration,
+) -> CacheBuilder<u64, u64, KeyFn, FixedTtl> {
+    base(name)
+        .max_staleness(stale)
+        .stale_retry_interval(interval)
+}
+
 /// Call 1 answers, call 2 fails, call 3 hangs, later calls answer.
 fn fail_then_hang(n: u64) -> Option<u64> {
     match n {
