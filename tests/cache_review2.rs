@@ -163,9 +163,7 @@ fn fail_then_hang(n: u64) -> Option<u64> {
 #[tokio::test(start_paused = true)]
 async fn hung_retry_serves_stale_until_its_timeout_then_backs_off_again() {
     let up = Up::new(fail_then_hang);
-    let layer = base("hung")
-        .max_staleness(300 * S)
-        .stale_retry_interval(10 * S)
+    let layer = outage("hung", 300 * S, 10 * S)
         .refresh_timeout(20 * S)
         .build()
         .unwrap();
@@ -211,9 +209,7 @@ async fn hung_retry_serves_stale_until_its_timeout_then_backs_off_again() {
 #[tokio::test(start_paused = true)]
 async fn staleness_ends_during_a_retry_reads_join_it_without_a_second_call() {
     let up = Up::new(fail_then_hang);
-    let layer = base("race")
-        .max_staleness(15 * S)
-        .stale_retry_interval(S)
+    let layer = outage("race", 15 * S, S)
         .refresh_timeout(30 * S)
         .build()
         .unwrap();
@@ -606,11 +602,7 @@ async fn read_after_expiry_during_hung_early_refresh_gets_stale_at_once() {
 #[tokio::test(start_paused = true)]
 async fn long_outage_tries_upstream_once_per_interval() {
     let up = Up::new(|n| if n == 1 { OK } else { FAIL });
-    let layer = base("outage")
-        .max_staleness(100 * S)
-        .stale_retry_interval(10 * S)
-        .build()
-        .unwrap();
+    let layer = outage("outage", 100 * S, 10 * S).build().unwrap();
     let h = layer.handle();
     let mut svc = layer.layer(up.service());
     assert_eq!(get(&mut svc, 1).await.unwrap(), 1);
