@@ -642,3 +642,33 @@ async fn capacity_is_exact_across_shards() {
     assert_eq!(counts(&h)[..2], [1_000, 3_000]);
     assert_eq!(entries(&h), 1_000.0);
 }
+
+/// The value stops being servable while a slow retry runs; the retry then succeeds: the
+/// read that joined it gets its answer, and the key is fresh again.
+#[tokio::test(start_paused = true)]
+async fn slow_retry_outliving_staleness_answers_the_reads_that_joined_it() {
+    let up = Up::new(|n| match n {
+        1 => OK,
+        2 => FAIL,
+        _ => Some(20_000),
+    });
+    let layer = outage("slow", 15 * S, S).build().unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(up.service());
+    assert_eq!(get(&mut svc, 1).await.unwrap(), 1);
+    advance(61 * S).await;
+    assert_eq!(get(&mut svc, 1).await.unwrap(), 1); // fails: stale, back-off to 62
+    advance(S).await; // 62: the retry starts, answers 3 at 82
+    assert_eq!(cached(&mut svc, 1), 1);
+    run_tasks().await;
+    advance(14 * S).await; // 76: nothing servable
+    let mut late = svc.clone();
+    let reader = tokio::spawn(async move { get(&mut late, 1).await });
+    run_tasks().await;
+    assert_eq!(up.calls.get(), 3);
+    advance(6 * S).await; // 82
+    assert_eq!(reader.await.unwrap().unwrap(), 3);
+    assert_eq!(cached(&mut svc, 1), 3);
+    assert_eq!(up.calls.get(), 3);
+    assert_eq!(counts(&h), [1, 2, 2, 0, 0, 1, 3]);
+}
