@@ -2,8 +2,7 @@
 //! racing with the end of staleness, unstorable), the refresh flag against CLOCK eviction,
 //! a panicking staleness function, the refresh timeout in inline mode, negative TTL with a
 //! staleness function, lookup counters summing on every path, and a multi-thread run with
-//! eviction and refreshes. Tests marked `#[ignore = "defect: ..."]` fail when run with
-//! `--ignored`.
+//! eviction and refreshes.
 #![cfg(feature = "cache")]
 
 mod support;
@@ -243,7 +242,6 @@ async fn staleness_ends_during_a_retry_reads_join_it_without_a_second_call() {
 /// in outage (the stored value is served), so the upstream must still be tried at most once
 /// per back-off interval.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a retry answered with an unstorable success leaves no back-off: every read retries upstream"]
 async fn unstorable_retry_success_keeps_the_back_off() {
     let up = Up::new(|n| if n == 2 { FAIL } else { OK });
     let layer = CacheLayer::builder()
@@ -569,7 +567,6 @@ async fn multi_thread_eviction_and_refreshes_counts_sum() {
 /// at once (the module docs: only a read "with no value to serve instead" joins the
 /// refresh), not wait for the refresh timeout.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: after expiry, reads join a hung early refresh and wait up to refresh_timeout instead of getting the servable stale value"]
 async fn read_after_expiry_during_hung_early_refresh_gets_stale_at_once() {
     let up = Up::new(|n| if n == 2 { HANG } else { Some(10) });
     let layer = base("hungearly")

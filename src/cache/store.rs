@@ -495,6 +495,9 @@ where
                 // In outage: one reader starts the retry, every read gets the value.
                 Some(_) if e.refreshing.swap(true, Ordering::AcqRel) => Found::Stale,
                 Some(_) => Found::Retry(e.stale_until),
+                // An early refresh still in flight past expiry: the value is served at
+                // once rather than making the read wait for the refresh.
+                None if e.refreshing.load(Ordering::Relaxed) => Found::Stale,
                 None => Found::Fallback(e.stale_until),
             },
             Stored::Failed(_) if now < e.expiry => Found::Failed,
@@ -594,7 +597,8 @@ where
         }
         let hash = self.hasher.hash_one(&key);
         let (Some(ttl), Ok(value)) = (verdict.ttl, res) else {
-            return self.end_refresh(&key);
+            // A success that is not stored still ends an outage: the next read fetches.
+            return self.end_outage(&key);
         };
         let expiry = later(now, ttl);
         let entry = Entry {
@@ -691,6 +695,17 @@ where
         let shard = self.shard(hash).read();
         if let Some(e) = shard.entries.find(hash, |e| e.key == *key) {
             e.refreshing.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Clears the refresh flag and the back-off of `key`'s entry: its upstream answered
+    /// with a success the TTL policy does not store.
+    fn end_outage(&self, key: &K) {
+        let hash = self.hasher.hash_one(key);
+        let mut shard = self.shard(hash).write();
+        if let Some(e) = shard.entries.find_mut(hash, |e| e.key == *key) {
+            e.refreshing.store(false, Ordering::Relaxed);
+            e.retry_at = None;
         }
     }
 
