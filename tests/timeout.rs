@@ -409,3 +409,78 @@ async fn an_inner_future_exhausting_the_coop_budget_still_times_out() {
         ErrorKind::Timeout
     );
 }
+
+/// A service that waits `wait_ms`, then calls `inner` with `req` (in the same task, or in a
+/// spawned one).
+fn waits_then_calls<S>(
+    wait_ms: u64,
+    inner: S,
+    spawn: bool,
+) -> impl Service<u64, Response = u64, Error = BoxError> + Clone
+where
+    S: Service<u64, Response = u64, Error = BoxError, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static,
+{
+    service_fn(move |req: u64| {
+        let inner = inner.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            if spawn {
+                tokio::spawn(inner.oneshot(req)).await.unwrap()
+            } else {
+                inner.oneshot(req).await
+            }
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_called_inside_another_takes_the_earlier_deadline() {
+    let inner = ServiceBuilder::new()
+        .layer(
+            TimeoutLayer::builder()
+                .name("call")
+                .timeout(Duration::from_secs(1))
+                .build()
+                .unwrap(),
+        )
+        .service(sleeper());
+    let outer = TimeoutLayer::builder()
+        .name("deadline")
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    for (spawn, fired_by) in [(false, "call"), (true, "deadline")] {
+        let svc = ServiceBuilder::new()
+            .layer(outer.clone())
+            .service(waits_then_calls(60, inner.clone(), spawn));
+        let start = Instant::now();
+        let err = svc.oneshot(10_000).await.unwrap_err();
+        let e = error::find(&*err).expect("a breakwater error");
+        assert_eq!(
+            (e.kind(), e.name(), Instant::now() - start),
+            (ErrorKind::Timeout, fired_by, Duration::from_millis(100)),
+            "spawned: {spawn}"
+        );
+    }
+    // Alone, the inner timeout keeps its own second.
+    let start = Instant::now();
+    let err = inner.clone().oneshot(10_000).await.unwrap_err();
+    assert_eq!(error::find(&*err).unwrap().name(), "call");
+    assert_eq!(Instant::now() - start, Duration::from_secs(1));
+    // An earlier inner deadline stays its own.
+    let svc = ServiceBuilder::new()
+        .layer(outer.clone())
+        .service(waits_then_calls(
+            10,
+            ServiceBuilder::new()
+                .layer(TimeoutLayer::new(Duration::from_millis(20)).unwrap())
+                .service(sleeper()),
+            false,
+        ));
+    let start = Instant::now();
+    svc.oneshot(10_000).await.unwrap_err();
+    assert_eq!(Instant::now() - start, Duration::from_millis(30));
+}

@@ -55,31 +55,21 @@
 //!
 //! # The overall deadline and the breaker
 //!
-//! The deadline sits outside the breaker, so a call it cuts off is, for the breaker, a call
-//! dropped before it finished: a **cancellation, counted neither as a success nor as a
-//! failure** (see [`circuit_breaker`](crate::circuit_breaker)). Only the per-call timeout,
-//! inside the breaker, turns a slow call into a failure. Hence:
+//! The deadline sits outside the breaker; a call cut off there would be, for the breaker, a
+//! call dropped before it finished (a cancellation, counted neither as a success nor as a
+//! failure). The per-call timeout prevents that: it is armed inside the deadline's poll and
+//! takes the earlier of its own deadline and the overall one (deadline propagation, see
+//! [`timeout`](crate::timeout#semantics)). Hence:
 //!
-//! - **The default deadline never cuts a call short of its call timeout.** It is the sum of
-//!   the limiter's maximum wait, the bulkhead's maximum wait and the call timeout. A call
-//!   waits less than each maximum before it is admitted (at the maximum it is refused), so
-//!   its call timeout starts at most the two waits after the deadline started and fires no
-//!   later than the deadline: every slow call ends in the per-call timeout and counts.
-//! - **A deadline shorter than the call timeout is a [`ConfigError`]** (field `deadline`):
-//!   the call timeout could never fire and slow calls would never count.
+//! - **The default deadline** is the sum of the limiter's maximum wait, the bulkhead's
+//!   maximum wait and the call timeout: it never binds before the call timeout does.
+//! - **A deadline shorter than the call timeout is a [`ConfigError`]** (field `deadline`).
 //! - **A deadline between the call timeout and the sum** bounds what the caller waits more
-//!   tightly, at a price: a call that waited `w` for its rate-limit slot or its permit has
-//!   `deadline - w` left to run; if that is less than the call timeout and the dependency is
-//!   slow, the deadline cancels it first. The caller gets an [`ErrorKind::Timeout`] named
-//!   `"<name>:deadline"`, the dependency's late answer is discarded, and the breaker counts
-//!   nothing. Calls that did not wait still run their full call timeout and count, so the
-//!   breaker still opens on a slow dependency when some calls get through without waiting;
-//!   under a permanent queue it may not. To keep slow calls counted, prefer shorter waits
-//!   ([`concurrency`](DependencyBuilder::concurrency)'s and
-//!   [`rate_limit`](DependencyBuilder::rate_limit)'s `max_wait`) to a shorter deadline, or
-//!   turn on the breaker's slow-call detection (a `slow_call_duration` below `deadline -
-//!   max waits` and a `slow_call_rate_threshold`): a cancelled call that ran longer than
-//!   that duration counts as slow.
+//!   tightly: a call that waited `w` for its rate-limit slot or its permit has
+//!   `deadline - w` left to run, and its call timeout fires then, inside the breaker. The
+//!   caller gets an [`ErrorKind::Timeout`] named after the dependency (the call timeout's
+//!   name) and the breaker counts a failure, as for any slow call. The overall deadline
+//!   itself (named `"<name>:deadline"`) fires only where the waits themselves reach it.
 //!
 //! [`ErrorKind::Timeout`]: crate::error::ErrorKind::Timeout
 //!

@@ -62,6 +62,8 @@ pin_project! {
         #[pin]
         timer: Timer,
         timeout: Duration,
+        // The armed deadline, published to the timeouts this one encloses while it polls.
+        deadline: Option<Instant>,
         // First poll, when durations are recorded.
         started: Option<Instant>,
         // Moved into the response's `Deadline` when the inner call returns a response.
@@ -96,6 +98,7 @@ impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
             },
             timer: Timer::Unarmed,
             timeout,
+            deadline: None,
             started: None,
             shared: Some(shared),
             classifier,
@@ -121,6 +124,10 @@ where
         if this.started.is_none() && (M::AFTER_RESPONSE || shared.records_durations()) {
             *this.started = Some(clock::now());
         }
+
+        // Timeouts polled inside this one (after waits of the layers between them) never
+        // outlive its deadline; restored when this poll returns or unwinds.
+        let _enclosing = this.deadline.map(enclosing::Scope::enter);
 
         // 1. The inner service first: a result ready together with the deadline wins.
         let result = loop {
@@ -164,7 +171,17 @@ where
         // 2. The inner call is pending: arm the timer on the first such poll.
         if let TimerProj::Unarmed = this.timer.as_mut().project() {
             let start = this.started.unwrap_or_else(clock::now);
-            match start.checked_add(*this.timeout) {
+            let own = start.checked_add(*this.timeout);
+            // Inside another timeout's poll: the earlier of the two deadlines.
+            let deadline = match (own, enclosing::current()) {
+                (Some(own), Some(outer)) if outer < own => {
+                    *this.timeout = outer.saturating_duration_since(start);
+                    Some(outer)
+                }
+                (own, outer) => own.or(outer),
+            };
+            *this.deadline = deadline;
+            match deadline {
                 Some(deadline) => this.timer.set(Timer::Armed {
                     sleep: unconstrained(tokio::time::sleep_until(deadline)),
                 }),
@@ -183,5 +200,47 @@ where
             return Poll::Ready(Err(shared.timed_out(*this.timeout, elapsed)));
         }
         Poll::Pending
+    }
+}
+
+/// The deadline of the innermost armed timeout whose poll is running on this thread.
+///
+/// A timeout publishes its deadline while it polls its inner service, and a timeout armed
+/// during that poll takes the earlier of its own deadline and the published one: a per-call
+/// timeout under an overall deadline, called after waiting in the layers between them, fires
+/// at the overall deadline itself, inside those layers (so a circuit breaker between them
+/// counts the call as a timeout rather than seeing it cancelled from outside). A future
+/// spawned onto another task is not polled inside the outer poll and keeps its own deadline.
+mod enclosing {
+    use std::cell::Cell;
+
+    use crate::clock::Instant;
+
+    thread_local! {
+        static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+
+    /// The published deadline, if a timeout's poll is running on this thread.
+    pub(super) fn current() -> Option<Instant> {
+        DEADLINE.with(Cell::get)
+    }
+
+    /// Publishes a deadline until dropped (the earlier one stays when nested).
+    pub(super) struct Scope(Option<Instant>);
+
+    impl Scope {
+        pub(super) fn enter(deadline: Instant) -> Scope {
+            DEADLINE.with(|d| {
+                let prev = d.get();
+                d.set(Some(prev.map_or(deadline, |p| p.min(deadline))));
+                Scope(prev)
+            })
+        }
+    }
+
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            DEADLINE.with(|d| d.set(self.0));
+        }
     }
 }

@@ -46,6 +46,17 @@
 //! - **Ordering.** On each poll the inner service is polled before the timer: a response that
 //!   is ready in the same poll as the deadline wins.
 //! - **Deadlines too large** to add to the current instant are treated as no deadline.
+//! - **Nested timeouts (deadline propagation).** While a timeout whose timer is armed polls
+//!   its inner service, it publishes its deadline on the thread; a timeout armed during that
+//!   poll takes the earlier of its own deadline and the published one. So a per-call timeout
+//!   called after waiting in the layers under an overall deadline (a bulkhead's queue, a rate
+//!   limiter's wait) fires at the overall deadline itself, *inside* those layers: a circuit
+//!   breaker between the two counts the call as a timeout instead of seeing it cancelled from
+//!   outside. The error then carries the inner timeout's name and its shortened duration.
+//!   Calls on another task (spawned, detached) keep their own deadline. The cost is a
+//!   thread-local write and restore per poll of an armed timeout and a thread-local read
+//!   when a timer is armed; the happy path (no timer) touches neither. The idea follows
+//!   gRPC's deadline propagation, within one task.
 //! - **Cooperative scheduling.** The deadline timer is polled outside tokio's task budget, so
 //!   an inner future that exhausts the budget on every poll (a body streaming from an
 //!   always-ready socket) still times out.
