@@ -13,10 +13,10 @@ const _: () = assert!(INLINE <= u8::BITS as usize, "one bit per inline waiter");
 /// Wakers of the callers waiting for a shared call's value, keyed by stable indices.
 ///
 /// Keys `0..INLINE` name inline entries (a bit mask marks the registered ones; the lowest
-/// vacant one is reused);
-/// later keys name entries of an overflow [`Slab`] (its own free list; amortized doubling
-/// growth, so `n` waiters beyond [`INLINE`] cost O(log n) allocations). Insertion and
-/// removal are O(1) either way. An entry holds `None` once its waker was taken by
+/// vacant one is reused); later keys name entries of an overflow [`Slab`] (its own free
+/// list; amortized doubling growth, so `n` waiters beyond [`INLINE`] cost O(log n)
+/// allocations). Insertion and removal are O(1) either way, so callers that leave (dropped
+/// followers) cost no scan. An entry holds `None` once its waker was taken by
 /// [`take_first`](Self::take_first), until its caller removes it.
 #[derive(Default)]
 pub(super) struct Waiters {
