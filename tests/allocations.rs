@@ -289,6 +289,22 @@ mod coalesce {
         );
     }
 
+    /// `tokio::join!` of one `call()` per name given, its results as an array.
+    macro_rules! join_calls {
+        ($call:ident; $($r:ident)+) => {{
+            let ($($r,)+) = tokio::join!($({
+                let _ = stringify!($r);
+                $call()
+            }),+);
+            [$($r),+]
+        }};
+    }
+
+    /// Every caller of a shared call got its value.
+    fn check<E: std::fmt::Debug>(results: impl IntoIterator<Item = Result<u32, E>>) {
+        assert!(results.into_iter().all(|r| r.unwrap() == 1));
+    }
+
     /// Allocations of `ROUNDS` shared calls, each with `n - 1` followers waiting while the
     /// leader's inner call is pending (difference of two runs, as `allocs_per_call` does).
     fn allocs_per_round(rt: &tokio::runtime::Runtime, n: usize) -> u64 {
@@ -300,27 +316,12 @@ mod coalesce {
                     for _ in 0..rounds {
                         let mut call = || svc.call(1);
                         match n {
-                            2 => {
-                                let (a, b) = tokio::join!(call(), call());
-                                assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
-                            }
-                            4 => {
-                                let r = tokio::join!(call(), call(), call(), call());
-                                assert_eq!(r.3.unwrap(), 1);
-                            }
-                            8 => {
-                                let r = tokio::join!(
-                                    call(),
-                                    call(),
-                                    call(),
-                                    call(),
-                                    call(),
-                                    call(),
-                                    call(),
-                                    call()
-                                );
-                                assert_eq!(r.7.unwrap(), 1);
-                            }
+                            2 => check(join_calls!(call; a b)),
+                            4 => check(join_calls!(call; a b c d)),
+                            8 => check(join_calls!(call; a b c d e f g h)),
+                            9 => check(join_calls!(call; a b c d e f g h i)),
+                            10 => check(join_calls!(call; a b c d e f g h i j)),
+                            16 => check(join_calls!(call; a b c d e f g h i j k l m n o p)),
                             _ => unreachable!(),
                         }
                     }
@@ -337,12 +338,17 @@ mod coalesce {
     #[test]
     fn followers_allocate_nothing_of_their_own() {
         let rt = runtime();
-        // Boxed future + the slot the first follower makes + the waiter list's first growth
-        // (room for four waiters).
-        assert_eq!(allocs_per_round(&rt, 2), 3, "one follower");
-        assert_eq!(allocs_per_round(&rt, 4), 3, "three followers: no more");
-        // Seven waiters: the waiter list grows once more (amortized doubling).
-        assert_eq!(allocs_per_round(&rt, 8), 4, "seven followers");
+        // Boxed future + the slot the first follower makes (the first eight waiters' wakers
+        // live inline in it).
+        assert_eq!(allocs_per_round(&rt, 2), 2, "one follower");
+        assert_eq!(allocs_per_round(&rt, 4), 2, "three followers: no more");
+        assert_eq!(allocs_per_round(&rt, 8), 2, "seven followers: no more");
+        assert_eq!(allocs_per_round(&rt, 9), 2, "eight followers: inline still");
+        // Beyond eight waiters, an overflow list grows by doubling (room for four, then
+        // eight, ...): logarithmic in the fan-in. Nine followers: one overflows, one growth;
+        // fifteen followers: seven overflow, two growths.
+        assert_eq!(allocs_per_round(&rt, 10), 3, "nine followers");
+        assert_eq!(allocs_per_round(&rt, 16), 4, "fifteen followers");
     }
 }
 

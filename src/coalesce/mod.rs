@@ -151,16 +151,18 @@
 //!   write-once cell (`std::sync::OnceLock`) for the value, outside the mutex, and an atomic
 //!   count of attached callers), is made only when the first follower arrives. A
 //!   driver that leaves puts the future into the slot and wakes one waiter to take it. The
-//!   waiter list is a `slab::Slab<Option<Waker>>` (amortized growth; O(1) removal when a
-//!   waiter leaves). Entries and slots are independent of the future's type, so one table
+//!   waiter list keeps the first eight waiters' wakers inline in the slot (a vacant entry is
+//!   reused), and later ones in an overflow `slab::Slab` (amortized doubling growth); its keys
+//!   are stable, and a waiter that leaves is removed in O(1). Entries and slots are independent of the future's type, so one table
 //!   serves services with different future types.
 //! - **Cost.** A request without a key (`None`) allocates nothing and takes no lock: the
 //!   key function, a clone of the inner service, and the inner call. On success, an
 //!   uncontended call allocates once (the boxed future) and takes
 //!   a shard lock twice (enter, leave); it makes no slot and clones nothing (the value moves
 //!   to its only caller). A successful shared call allocates twice (boxed future, slot; the
-//!   response is stored in the slot), plus its waiter list's amortized growth (one
-//!   allocation for up to four waiters); a follower allocates nothing of its own. A failed
+//!   response and up to eight waiters' wakers are stored in the slot); beyond eight waiters,
+//!   the overflow list's growth adds O(log n) allocations (room for four, then eight, ...: 4
+//!   in all with fifteen followers); a follower allocates nothing of its own. A failed
 //!   call allocates more: one `Arc` for the inner error (shared by its callers) and, per
 //!   caller, the box of the returned [`BoxError`](crate::BoxError) (the [`SharedError`] or
 //!   the panic error); the inner service's error itself is its own.

@@ -14,6 +14,7 @@ mod slot;
 mod table;
 #[cfg(test)]
 mod tests;
+mod waiters;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -2,12 +2,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, Waker};
-
-use parking_lot::Mutex;
-use slab::Slab;
+use std::task::{Context, Poll};
 
 use super::BoxFuture;
+use super::waiters::Waiters;
+use parking_lot::Mutex;
 
 /// A caller's own state in a shared call.
 #[derive(Debug, Default)]
@@ -46,7 +45,7 @@ enum Phase<O> {
 struct SlotState<O> {
     phase: Phase<O>,
     /// Wakers of callers waiting for the value (not the driver's: the future holds that one).
-    waiters: Slab<Option<Waker>>,
+    waiters: Waiters,
 }
 
 /// What the callers of a call with followers share: the waiter list, the value once ready,
@@ -80,7 +79,7 @@ impl<O, T> Slot<O, T> {
                     driving: true,
                     nominee: None,
                 },
-                waiters: Slab::new(),
+                waiters: Waiters::new(),
             }),
         }
     }
@@ -138,12 +137,12 @@ impl<O, T: Clone> Slot<O, T> {
                 // Wait: register (or refresh) this caller's waker.
                 match me.waiter {
                     Some(k) => {
-                        let w = &mut st.waiters[k];
+                        let w = st.waiters.get_mut(k);
                         if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                             *w = Some(cx.waker().clone());
                         }
                     }
-                    None => me.waiter = Some(st.waiters.insert(Some(cx.waker().clone()))),
+                    None => me.waiter = Some(st.waiters.insert(cx.waker().clone())),
                 }
                 Poll::Pending
             }
@@ -169,9 +168,7 @@ impl<O, T: Clone> Slot<O, T> {
             st.phase = Phase::Done;
             std::mem::take(&mut st.waiters)
         };
-        for w in waiters.into_iter().filter_map(|(_, w)| w) {
-            w.wake();
-        }
+        waiters.wake_all();
         self.take(me)
     }
 }
@@ -221,10 +218,7 @@ impl<O, T> Slot<O, T> {
             ..
         } = &mut st.phase
         {
-            let next = st
-                .waiters
-                .iter_mut()
-                .find_map(|(k, w)| w.take().map(|w| (k, w)));
+            let next = st.waiters.take_first();
             if let Some((k, w)) = next {
                 *nominee = Some(k);
                 drop(guard);
