@@ -1,8 +1,7 @@
 //! Response cache, adversarial review: the acceptance points of the cache issue re-derived
 //! with exact numbers, cancellation, panics, odd configurations, capacity, metrics, delta
 //! measurement, classification, back-off, shared state, a multi-thread run and the HTTP
-//! storability rules. Tests marked `#[ignore = "defect: ..."]` show a defect: they fail when
-//! run with `--ignored`.
+//! storability rules. Each defect these tests found is fixed; the tests keep it fixed.
 #![cfg(feature = "cache")]
 
 mod support;
