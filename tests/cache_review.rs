@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::reads::{cached, get};
+
 use std::future::Future;
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -148,24 +150,6 @@ fn base() -> CacheBuilder<u64, u64, KeyFn, FixedTtl> {
         .name("r")
         .key(key_of as KeyFn)
         .ttl(60 * S)
-}
-
-async fn get<S>(svc: &mut S, k: u64) -> Result<u64, BoxError>
-where
-    S: Service<u64, Response = u64, Error = BoxError>,
-{
-    svc.ready().await?.call(k).await
-}
-
-/// A read that must be answered on its first poll (a hit, or stale while backing off).
-fn cached<S>(svc: &mut S, k: u64) -> u64
-where
-    S: Service<u64, Response = u64, Error = BoxError>,
-{
-    svc.call(k)
-        .now_or_never()
-        .expect("answered at once")
-        .expect("a value")
 }
 
 /// A read on its own task (so that it can panic or be aborted).

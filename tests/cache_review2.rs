@@ -7,6 +7,8 @@
 
 mod support;
 
+use support::reads::{cached, get};
+
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use support::Count;
 use tokio::time::{advance, sleep};
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, service_fn};
 use tower_breakwater::BoxError;
 use tower_breakwater::cache::{CacheBuilder, CacheHandle, CacheLayer, FixedTtl, RefreshMode};
 use tower_breakwater::error::{self, ErrorKind};
@@ -75,24 +77,6 @@ impl Up {
             }
         })
     }
-}
-
-async fn get<S>(svc: &mut S, k: u64) -> Result<u64, BoxError>
-where
-    S: Service<u64, Response = u64, Error = BoxError>,
-{
-    svc.ready().await?.call(k).await
-}
-
-/// A read that must be answered on its first poll.
-fn cached<S>(svc: &mut S, k: u64) -> u64
-where
-    S: Service<u64, Response = u64, Error = BoxError>,
-{
-    svc.call(k)
-        .now_or_never()
-        .expect("answered at once")
-        .expect("a value")
 }
 
 /// hits, misses, stale, negative, early refreshes, refresh errors, fetches.

@@ -233,3 +233,30 @@ pub mod body {
         }
     }
 }
+
+/// Cache reads through a `u64 -> u64` service (the review tests of the cache).
+pub mod reads {
+    use futures_util::FutureExt;
+    use tower::{Service, ServiceExt};
+    use tower_breakwater::BoxError;
+
+    /// One read, once the service is ready.
+    pub async fn get<S>(svc: &mut S, k: u64) -> Result<u64, BoxError>
+    where
+        S: Service<u64, Response = u64, Error = BoxError>,
+    {
+        svc.ready().await?.call(k).await
+    }
+
+    /// A read that must be answered on its first poll (a hit, or a stale value served at
+    /// once); panics otherwise.
+    pub fn cached<S>(svc: &mut S, k: u64) -> u64
+    where
+        S: Service<u64, Response = u64, Error = BoxError>,
+    {
+        svc.call(k)
+            .now_or_never()
+            .expect("answered at once")
+            .expect("a value")
+    }
+}
