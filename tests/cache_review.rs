@@ -144,12 +144,15 @@ fn key_of(k: &u64) -> Option<u64> {
     (*k != 0).then_some(*k)
 }
 
-/// Name "r", the key function above, a 60 s TTL, everything else at its default.
+/// Name "r", the key function above, a 60 s TTL, `u = 1` (no early refresh unless a test
+/// sets its own source, so that no count depends on a random draw), everything else at its
+/// default.
 fn base() -> CacheBuilder<u64, u64, KeyFn, FixedTtl> {
     CacheLayer::builder()
         .name("r")
         .key(key_of as KeyFn)
         .ttl(60 * S)
+        .random(|| 1.0)
 }
 
 /// A read on its own task (so that it can panic or be aborted).

@@ -327,15 +327,18 @@ impl<Req, K, F, T, C, Z> CacheBuilder<Req, K, F, T, C, Z> {
     /// that read does not refresh early (nothing panics; a source that returns such values
     /// only turns early refresh off). Called only by reads of a fresh entry close enough to
     /// expiry for some `u` to trigger a refresh, and not while a refresh of that entry is in
-    /// flight. Replaces the default seeded source.
+    /// flight. Replaces the default seeded source; of `random` and [`seed`](Self::seed), the
+    /// one called last wins.
     pub fn random(mut self, f: impl Fn() -> f64 + Send + Sync + 'static) -> Self {
         self.random = Some(Arc::new(f));
         self
     }
 
     /// The seed of the default random source (SplitMix64, from the `rand_xoshiro` crate),
-    /// for reproducible runs; without it, the seed is random.
+    /// for reproducible runs; without it, the seed is random. Selects the default source
+    /// again if [`random`](Self::random) was called before it.
     pub fn seed(mut self, seed: u64) -> Self {
+        self.random = None;
         self.seed = Some(seed);
         self
     }
