@@ -54,10 +54,17 @@
 //! returned through the response future.
 //!
 //! tower requires `call` to follow a successful `poll_ready` on the same service instance.
-//! A layer whose response future must wait before calling the inner service (a bulkhead
-//! waiter, a wait-mode limiter, the timeout bounding readiness) therefore drives readiness of
-//! a **clone** of the inner service inside the response future. Each layer's docs state its
-//! `Clone` bound and its `poll_ready` policy.
+//! So an admitted call asks the inner service for readiness once, in `call`, with a no-op
+//! waker: a service that is ready (the usual case: HTTP clients, `service_fn`, this crate's
+//! own layers) is called there and then, and nothing is cloned. A service that is not ready
+//! is moved into the response future, which drives its readiness with the task's waker (so
+//! whatever that first poll registered, such as a place in a semaphore's queue, is woken and
+//! used, or released when the future is dropped), and a **clone** takes its place in the
+//! layer's service. A layer whose response future must wait before it may call the inner
+//! service at all (a queued bulkhead call, a wait-mode limiter, a coalesced leader) clones
+//! the inner service in `call` and drives that clone after its wait. Hence the `Clone`
+//! bound: a clone should be cheap (a client handle is usually one `Arc`). Each layer's docs
+//! state its `poll_ready` policy.
 //!
 //! # Shared state
 //!

@@ -1,8 +1,19 @@
-//! One call to an inner service driven to its end: readiness of a clone, then the request.
+//! One call to an inner service: started in `call` when the service is ready at once, or
+//! driven to readiness by the response future.
+//!
+//! Every layer here is always ready (`poll_ready` reserves nothing; admission is decided in
+//! `call`), so an admitted call must still get the inner service ready before calling it.
+//! [`start`] asks the inner service once, in `call`, with a no-op waker: a service that is
+//! ready (the common case: HTTP clients, `service_fn`, this crate's own layers) is called at
+//! once and nothing is cloned. A service that is not ready is moved into the response future,
+//! which polls it again with the task's waker (so whatever the first poll registered, such
+//! as a place in a semaphore's queue, is driven and released by that future), and a clone
+//! takes its place in the layer's service. Polling with a different waker than the last is
+//! allowed by the `Future` and `Service` contracts: only the last waker must be woken.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use pin_project_lite::pin_project;
 use tower::Service;
@@ -21,12 +32,48 @@ impl OnCall for () {
     fn on_call(&mut self) {}
 }
 
+/// How a call to the inner service starts; see [`start`].
+pub(crate) enum Start<S, Req, F> {
+    /// The service was ready: it was called, and this is its response future.
+    Called(F),
+    /// The service was not ready: the service itself, to be polled to readiness by the
+    /// response future (a clone took its place), and the request.
+    NotReady(S, Req),
+    /// The service failed its readiness check.
+    Failed(BoxError),
+}
+
+/// Starts a call to `svc`: calls it at once when its `poll_ready`, polled once with a no-op
+/// waker, is ready; otherwise replaces `svc` by a clone and hands the original, to be driven
+/// to readiness, back with the request (see the [module docs](self)).
+#[inline]
+pub(crate) fn start<S, Req>(svc: &mut S, req: Req) -> Start<S, Req, S::Future>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+{
+    match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(())) => Start::Called(svc.call(req)),
+        Poll::Ready(Err(e)) => Start::Failed(e.into()),
+        Poll::Pending => not_ready(svc, req),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn not_ready<S: Service<Req> + Clone, Req, F>(svc: &mut S, req: Req) -> Start<S, Req, F> {
+    let fresh = svc.clone();
+    Start::NotReady(std::mem::replace(svc, fresh), req)
+}
+
 pin_project! {
     #[project = StateProj]
     enum State<S, Req, F> {
         // Waiting for the inner clone to be ready; `req` is taken when it is.
         Ready { svc: S, req: Option<Req> },
         Called { #[pin] fut: F },
+        // Readiness failed in `start`; returned on the first poll.
+        Failed { err: Option<BoxError> },
         Done,
     }
 }
@@ -46,8 +93,28 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req> Upstream<S, Req> {
+    /// A call driving `svc` to readiness first (for a clone made ahead of time).
+    #[cfg_attr(not(feature = "coalesce"), allow(dead_code))]
     pub(crate) fn new(svc: S, req: Req) -> Self {
         Upstream::with_on_call(svc, req, ())
+    }
+
+    /// A call [started](start) at once on `svc` when it is ready.
+    #[inline]
+    pub(crate) fn start(svc: &mut S, req: Req) -> Self
+    where
+        S: Clone,
+        S::Error: Into<BoxError>,
+    {
+        let state = match start(svc, req) {
+            Start::Called(fut) => State::Called { fut },
+            Start::NotReady(svc, req) => State::Ready {
+                svc,
+                req: Some(req),
+            },
+            Start::Failed(err) => State::Failed { err: Some(err) },
+        };
+        Upstream { state, on_call: () }
     }
 }
 
@@ -96,6 +163,9 @@ where
                     Poll::Ready(r) => break r.map_err(Into::into),
                     Poll::Pending => return Poll::Pending,
                 },
+                StateProj::Failed { err } => {
+                    break Err(err.take().expect("error present until returned"));
+                }
                 StateProj::Done => panic!("upstream call polled after completion"),
             }
         };

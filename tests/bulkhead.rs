@@ -421,7 +421,11 @@ async fn beyond_max_waiting_a_call_is_rejected_at_once() {
     assert_eq!(Instant::now(), start, "rejected without waiting");
     assert_eq!(counts(&h), (1, 2, 0));
     assert_eq!(rec.gauge(WAITING, &[("name", "q")]), Some(2.0));
-    assert_eq!(probe.calls.get(), 0, "the holder was never polled");
+    assert_eq!(
+        probe.calls.get(),
+        1,
+        "only the holder reached the inner service (in `call`, as it was ready)"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1340,6 +1344,21 @@ async fn a_future_polled_again_after_an_inner_panic_never_reaches_the_inner_serv
             reached: Count::default(),
         };
         let mut svc = layer.layer(bomb.clone());
+        if at != "future" {
+            // A ready inner service is called in `call`: its panic unwinds out of `call`,
+            // returning the permit, and no future exists to be polled again.
+            let caught = catch_unwind(AssertUnwindSafe(|| drop(svc.call(1))));
+            assert!(caught.is_err(), "{at}");
+            assert_eq!(counts(&h), (0, 0, 1), "{at}: the permit went back");
+            let mut other = Box::pin(svc.call(2));
+            assert_eq!(counts(&h), (1, 0, 0), "{at}");
+            assert_eq!(
+                poll_once(other.as_mut()).map(Result::unwrap),
+                Poll::Ready(2)
+            );
+            assert_eq!(counts(&h), (0, 0, 1), "{at}");
+            continue;
+        }
         let mut fut = Box::pin(svc.call(1));
         let caught = catch_unwind(AssertUnwindSafe(|| poll_once(fut.as_mut())));
         assert!(caught.is_err(), "{at}");
@@ -1348,9 +1367,10 @@ async fn a_future_polled_again_after_an_inner_panic_never_reaches_the_inner_serv
             (0, 0, 1),
             "{at}: the permit went back as it unwound"
         );
-        let reached = bomb.reached.get();
-        // The permit is taken by another call; the panicked future is polled again.
+        // The permit is taken by another call (which reaches the inner service in `call`);
+        // the panicked future is polled again.
         let mut other = Box::pin(svc.call(2));
+        let reached = bomb.reached.get();
         assert_eq!(counts(&h), (1, 0, 0));
         let again = catch_unwind(AssertUnwindSafe(|| poll_once(fut.as_mut())));
         let again = again.expect_err("a future that panicked panics when polled again");
@@ -1569,5 +1589,5 @@ fn a_queued_call_polled_without_a_time_driver_leaves_the_queue_as_it_panics() {
     assert_eq!(counts(&h), (0, 0, 1));
     let again = catch_unwind(AssertUnwindSafe(|| poll_once(waiter.as_mut())));
     assert_eq!(panic_message(&*again.unwrap_err()), AFTER_PANIC);
-    assert_eq!(probe.calls.get(), 0);
+    assert_eq!(probe.calls.get(), 1, "the holder only, in `call`");
 }

@@ -12,6 +12,7 @@ use super::layer::Shared;
 use crate::clock::{self, Instant};
 use crate::completion::{AtResponse, CallEnd, Completion, End, sealed};
 use crate::error::{BoxError, BreakwaterError};
+use crate::upstream::Start;
 
 /// One held bulkhead permit, returned when dropped (RAII), exactly once. With
 /// [`whole_body`](super::BulkheadBuilder::whole_body) it is held inside the response's
@@ -136,12 +137,14 @@ pin_project! {
         // Queued for a permit (until the ticket's deadline). The ticket is out of its place
         // only while a poll runs: found missing, that poll panicked.
         Waiting { ticket: Option<Ticket> },
-        // A permit is held (in `permit`): waiting for the inner clone's readiness.
+        // A permit is held (in `permit`): waiting for the inner service's readiness.
         Ready,
         // A permit is held (in `permit`) while the inner future runs.
         Called { #[pin] fut: F },
         // Boxed at once: it is returned boxed, and the happy path's future stays small.
         Rejected { err: Option<Box<BreakwaterError>> },
+        // The inner service failed its readiness in `call` (its permit already returned).
+        Failed { err: Option<BoxError> },
         Done,
     }
 }
@@ -179,7 +182,7 @@ pin_project! {
         // make every call's future ~120 bytes larger, and moving it costs each admitted call
         // more than this one allocation costs a call that has to wait anyway.
         sleep: Option<Pin<Box<Sleep>>>,
-        // The inner clone, until it is called.
+        // The inner service (or a queued call's clone of it), until it is called.
         svc: Option<S>,
         req: Option<Req>,
         permit: Option<Permit>,
@@ -194,6 +197,7 @@ impl<S: Service<Req>, Req, M> fmt::Debug for ResponseFuture<S, Req, M> {
             State::Ready => "ready",
             State::Called { .. } => "called",
             State::Rejected { .. } => "rejected",
+            State::Failed { .. } => "failed",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")
@@ -205,13 +209,21 @@ impl<S: Service<Req>, Req, M> fmt::Debug for ResponseFuture<S, Req, M> {
 
 impl<S: Service<Req>, Req, M> ResponseFuture<S, Req, M> {
     #[inline]
-    pub(super) fn admitted(svc: S, req: Req, permit: Permit, completion: M) -> Self {
+    pub(super) fn admitted(start: Start<S, Req, S::Future>, permit: Permit, completion: M) -> Self {
+        let (state, svc, req, permit) = match start {
+            Start::Called(fut) => (State::Called { fut }, None, None, Some(permit)),
+            Start::NotReady(svc, req) => (State::Ready, Some(svc), Some(req), Some(permit)),
+            Start::Failed(err) => {
+                drop(permit);
+                (State::Failed { err: Some(err) }, None, None, None)
+            }
+        };
         ResponseFuture {
-            state: State::Ready,
+            state,
             sleep: None,
-            svc: Some(svc),
-            req: Some(req),
-            permit: Some(permit),
+            svc,
+            req,
+            permit,
             completion,
         }
     }
@@ -359,6 +371,11 @@ where
                 }
                 StateProj::Rejected { err } => {
                     let err = err.take().expect("rejection present until returned");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(err));
+                }
+                StateProj::Failed { err } => {
+                    let err = err.take().expect("error present until returned");
                     this.state.set(State::Done);
                     return Poll::Ready(Err(err));
                 }

@@ -74,14 +74,15 @@
 //!
 //! # Admission, `poll_ready` and `Clone`
 //!
-//! `poll_ready` always returns `Ready(Ok(()))`. Each call drives readiness of a **clone** of
-//! the inner service inside its response future, after it holds a permit (so a permit also
-//! bounds callers waiting for the inner service's readiness), then calls it. The inner
-//! service must therefore be `Clone`, and its `poll_ready` must not rely on being called on
-//! the same instance as earlier calls. Wrap a non-`Clone` service in
-//! `tower::buffer::Buffer`. The clone is made once per call (rejected calls excepted), so
-//! keep it cheap: a client handle is usually one `Arc`, whereas a boxed clone service
-//! allocates on every clone.
+//! `poll_ready` always returns `Ready(Ok(()))`. A call that gets a permit in `call` asks the
+//! inner service for readiness there and calls it when it is ready; otherwise its response
+//! future drives that readiness, holding the permit (so a permit also bounds callers waiting
+//! for the inner service), while a **clone** takes the service's place (see the
+//! [admission rule](crate#the-admission-rule)). A queued call clones the inner service in
+//! `call` and drives the clone once it has a permit. The inner service must therefore be
+//! `Clone`; wrap a non-`Clone` service in `tower::buffer::Buffer`. Keep clones cheap: a
+//! client handle is usually one `Arc`, whereas a boxed clone service allocates on every
+//! clone. A readiness error returns the permit and is the call's answer.
 //!
 //! # Cost
 //!

@@ -7,12 +7,14 @@ use super::layer::{Admission, Shared};
 use super::{Permit, ResponseFuture};
 use crate::completion::{AtResponse, Completion};
 use crate::error::BoxError;
+use crate::upstream;
 
 /// A service whose calls are limited by a bulkhead, made by
 /// [`BulkheadLayer`](super::BulkheadLayer).
 ///
 /// `poll_ready` is always ready and reserves nothing; `call` takes the permit (or queues,
-/// or rejects) and each call drives a clone of the inner service (see the
+/// or rejects); a call with a permit calls the inner service in `call` when it is ready,
+/// else drives its readiness in the response future (see the
 /// [module docs](crate::bulkhead#admission-poll_ready-and-clone)).
 #[derive(Debug)]
 pub struct Bulkhead<S, M = AtResponse> {
@@ -74,9 +76,12 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         match self.shared.admit() {
-            Admission::Admitted(permit) => {
-                ResponseFuture::admitted(self.inner.clone(), req, permit, self.completion.clone())
-            }
+            // The permit is owned before the inner service runs: a panic in it returns it.
+            Admission::Admitted(permit) => ResponseFuture::admitted(
+                upstream::start(&mut self.inner, req),
+                permit,
+                self.completion.clone(),
+            ),
             Admission::Queued(ticket) => {
                 ResponseFuture::queued(self.inner.clone(), req, ticket, self.completion.clone())
             }

@@ -195,9 +195,10 @@
 //!
 //! # Admission and `Clone`
 //!
-//! `poll_ready` is always ready and reserves nothing. Fetches, refreshes and pass-through
-//! calls drive a clone of the inner service (polling its readiness first), hence the bound
-//! `S: Clone`. A miss allocates once (its shared fetch, boxed, so that the response future
+//! `poll_ready` is always ready and reserves nothing. Fetches and refreshes drive a clone of
+//! the inner service (polling its readiness first); a pass-through call (a request without
+//! a key) calls the inner service in `call` when it is ready, as every layer does (see the
+//! [admission rule](crate#the-admission-rule)); hence the bound `S: Clone`. A miss allocates once (its shared fetch, boxed, so that the response future
 //! stays small); a refresh or retry also allocates its deadline timer and its task; a read
 //! that finds a remembered failure allocates the boxed error; a hit allocates nothing.
 //!

@@ -98,7 +98,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let Some(key) = (self.key)(&req) else {
             self.typed.store.instruments.passed();
-            return ResponseFuture::pass(Upstream::new(self.inner.clone(), req));
+            return ResponseFuture::pass(Upstream::start(&mut self.inner, req));
         };
         let typed = &self.typed;
         let ins = &typed.store.instruments;

@@ -13,6 +13,7 @@ use crate::classify::{Classify, Outcome};
 use crate::clock::{self, Instant};
 use crate::completion::{AtResponse, CallEnd, Completion, End, sealed};
 use crate::error::BoxError;
+use crate::upstream::Start;
 
 /// The admission of one call, held by its response future until the call finishes. Dropped
 /// unfinished (the caller cancelled, an outer timeout fired, the inner future panicked), it
@@ -43,8 +44,9 @@ impl Guard {
         self.shared.as_ref().expect("present until dropped")
     }
 
+    /// Starts the call's clock (when the breaker measures durations).
     #[inline]
-    fn start(&mut self) {
+    pub(super) fn start(&mut self) {
         if self.started.is_none() && self.shared().timed {
             self.started = Some(clock::now());
         }
@@ -130,10 +132,12 @@ impl CallEnd for Admission {
 pin_project! {
     #[project = KindProj]
     enum Kind<S, Req, F> {
-        // Admitted; waiting for the inner clone to be ready. `req` is taken when it is.
+        // Admitted; waiting for the inner service to be ready. `req` is taken when it is.
         Ready { svc: S, req: Option<Req> },
         Called { #[pin] fut: F },
-        Rejected { err: Option<BoxError> },
+        // An error decided in `call`: a rejection (no guard), or an admitted call whose inner
+        // service failed its readiness (the guard held: a failed call).
+        Failed { err: Option<BoxError> },
         Done,
     }
 }
@@ -171,12 +175,22 @@ impl<S: Service<Req>, Req, C, M> fmt::Debug for ResponseFuture<S, Req, C, M> {
 }
 
 impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
-    pub(super) fn admitted(svc: S, req: Req, guard: Guard, classifier: C, completion: M) -> Self {
-        ResponseFuture {
-            kind: Kind::Ready {
+    pub(super) fn admitted(
+        start: Start<S, Req, S::Future>,
+        guard: Guard,
+        classifier: C,
+        completion: M,
+    ) -> Self {
+        let kind = match start {
+            Start::Called(fut) => Kind::Called { fut },
+            Start::NotReady(svc, req) => Kind::Ready {
                 svc,
                 req: Some(req),
             },
+            Start::Failed(err) => Kind::Failed { err: Some(err) },
+        };
+        ResponseFuture {
+            kind,
             guard: Some(guard),
             classifier,
             completion,
@@ -185,7 +199,7 @@ impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
 
     pub(super) fn rejected(err: BoxError, classifier: C, completion: M) -> Self {
         ResponseFuture {
-            kind: Kind::Rejected { err: Some(err) },
+            kind: Kind::Failed { err: Some(err) },
             guard: None,
             classifier,
             completion,
@@ -207,20 +221,15 @@ where
         let mut this = self.project();
         let result = loop {
             match this.kind.as_mut().project() {
-                KindProj::Ready { svc, req } => {
-                    if let Some(g) = this.guard.as_mut() {
-                        g.start();
+                KindProj::Ready { svc, req } => match svc.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        let req = req.take().expect("request present until called");
+                        let fut = svc.call(req);
+                        this.kind.set(Kind::Called { fut });
                     }
-                    match svc.poll_ready(cx) {
-                        Poll::Ready(Ok(())) => {
-                            let req = req.take().expect("request present until called");
-                            let fut = svc.call(req);
-                            this.kind.set(Kind::Called { fut });
-                        }
-                        Poll::Ready(Err(e)) => break e.into(),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
+                    Poll::Ready(Err(e)) => break e.into(),
+                    Poll::Pending => return Poll::Pending,
+                },
                 KindProj::Called { fut } => match fut.poll(cx) {
                     Poll::Ready(Ok(res)) => {
                         this.kind.set(Kind::Done);
@@ -251,8 +260,11 @@ where
                     Poll::Ready(Err(e)) => break e.into(),
                     Poll::Pending => return Poll::Pending,
                 },
-                KindProj::Rejected { err } => {
+                KindProj::Failed { err } => {
                     let err = err.take().expect("error present until returned");
+                    if this.guard.is_some() {
+                        break err;
+                    }
                     this.kind.set(Kind::Done);
                     return Poll::Ready(Err(err));
                 }

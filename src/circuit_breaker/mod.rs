@@ -156,9 +156,11 @@
 //!
 //! Following the crate's [admission rule](crate#the-admission-rule), `poll_ready` is always
 //! ready and reserves nothing; admission (and taking a probe slot) happens in `call`, and a
-//! rejection is returned without waiting for the inner service. An admitted call drives
-//! readiness of a **clone** of the inner service inside its response future, so the inner
-//! service must be `Clone` (wrap a non-`Clone` service in `tower::buffer::Buffer`).
+//! rejection is returned without waiting for the inner service. An admitted call calls the
+//! inner service in `call` when it is ready, and otherwise drives its readiness inside the
+//! response future while a **clone** takes its place (see the
+//! [admission rule](crate#the-admission-rule)), so the inner service must be `Clone` (wrap a
+//! non-`Clone` service in `tower::buffer::Buffer`). A readiness error is a failed call.
 //!
 //! # Cost
 //!
@@ -187,7 +189,7 @@
 //! (`parking_lot`), never held across an `.await`, the classifier or an event listener
 //! (only the metrics recorder's handles are updated under it). The time-based window reads
 //! the clock and takes the mutex for every outcome (its buckets move with time); slow-call
-//! detection reads the clock at the first poll and at the end of each call. The Open path
+//! detection reads the clock in `call` and at the end of each call. The Open path
 //! reads the clock (for the time left) and allocates its boxed error (the crate's one
 //! allocation per error); it takes the lock only once the wait has passed.
 //!

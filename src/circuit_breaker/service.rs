@@ -10,12 +10,14 @@ use super::spare::Owner;
 use crate::classify::Classify;
 use crate::completion::{AtResponse, Completion};
 use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
+use crate::upstream;
 
 /// A service behind a circuit breaker, made by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 ///
 /// `poll_ready` is always ready and reserves nothing; `call` decides admission, and an
-/// admitted call drives a clone of the inner service (see the
+/// admitted call calls the inner service at once when it is ready, or else drives it to
+/// readiness in the response future (see the
 /// [module docs](crate::circuit_breaker#admission-and-clone)).
 #[derive(Debug)]
 pub struct CircuitBreaker<S, C, M = AtResponse> {
@@ -81,13 +83,17 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         match self.shared.admit() {
-            Ok(ticket) => ResponseFuture::admitted(
-                self.inner.clone(),
-                req,
-                Guard::new(&self.shared, ticket),
-                self.classifier.clone(),
-                self.completion.clone(),
-            ),
+            Ok(ticket) => {
+                // Owned before the inner service runs: a panic in it frees the admission.
+                let mut guard = Guard::new(&self.shared, ticket);
+                guard.start();
+                ResponseFuture::admitted(
+                    upstream::start(&mut self.inner, req),
+                    guard,
+                    self.classifier.clone(),
+                    self.completion.clone(),
+                )
+            }
             Err(retry_after) => ResponseFuture::rejected(
                 reject(&self.shared, retry_after),
                 self.classifier.clone(),

@@ -109,9 +109,10 @@
 //! returns `Ready(Ok(()))` and reserves nothing. `call` computes the key and clones the inner
 //! service into the response future; a leader's shared call then drives readiness of that
 //! **clone** and calls it, so a follower never touches the inner service (it consumes no
-//! permit, token or connection of an inner layer; its clone is dropped unused). The inner
-//! service must be `Clone` (cheaply: once per call); wrap a non-`Clone` service in
-//! `tower::buffer::Buffer`.
+//! permit, token or connection of an inner layer; its clone is dropped unused). A request
+//! without a key calls the inner service in `call` when it is ready, as every layer does
+//! (see the [admission rule](crate#the-admission-rule)). The inner service must be `Clone`
+//! (cheaply: once per keyed call); wrap a non-`Clone` service in `tower::buffer::Buffer`.
 //!
 //! # Metrics, events, snapshots
 //!

@@ -14,9 +14,9 @@ use crate::upstream::Upstream;
 /// [`CoalesceLayer`](super::CoalesceLayer).
 ///
 /// `K` is the key type, `R` the response type, `F` the key function (`Fn(&Req) ->
-/// Option<K>`). `poll_ready` is always ready and reserves nothing; the shared call, and the
-/// call of a request without a key, drive a clone of the inner service (see the
-/// [module docs](crate::coalesce#admission-and-clone)).
+/// Option<K>`). `poll_ready` is always ready and reserves nothing; the shared call drives a
+/// clone of the inner service, and a request without a key calls it in `call` when it is
+/// ready (see the [module docs](crate::coalesce#admission-and-clone)).
 ///
 /// # Panics
 ///
@@ -89,12 +89,14 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let key = (self.key)(&req);
-        let upstream = Upstream::new(self.inner.clone(), req);
-        match key {
-            Some(key) => ResponseFuture::shared(self.table.join(key, upstream)),
+        match (self.key)(&req) {
+            // A follower drops its upstream unused: a clone, never a started call.
+            Some(key) => {
+                let upstream = Upstream::new(self.inner.clone(), req);
+                ResponseFuture::shared(self.table.join(key, upstream))
+            }
             // Not coalesced: no table, no metric, no allocation.
-            None => ResponseFuture::pass(upstream),
+            None => ResponseFuture::pass(Upstream::start(&mut self.inner, req)),
         }
     }
 }

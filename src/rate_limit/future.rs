@@ -12,6 +12,7 @@ use tower::Service;
 use super::gcra::Cell;
 use super::layer::Core;
 use crate::error::{BoxError, BreakwaterError};
+use crate::upstream::Start;
 
 /// Where a waiter's reservation lives, to give it back.
 pub(super) enum WaiterCell {
@@ -103,11 +104,12 @@ pin_project! {
     #[project = StateProj]
     #[project_replace = StateReplace]
     enum State<S, Req, F> {
-        // Rejected in `call`; the error is returned on the first poll.
+        // Rejected in `call`, or the inner service failed its readiness there; the error is
+        // returned on the first poll.
         Rejected { err: Option<BoxError> },
         // Slot reserved at a later emission time.
         Waiting { wait: Pin<Box<Wait<S, Req>>> },
-        // Admitted: driving the inner clone's readiness; `req` is taken when it is ready.
+        // Admitted: driving the inner service's readiness; `req` is taken when it is ready.
         Ready { svc: S, req: Option<Req> },
         Called { #[pin] fut: F },
         Done,
@@ -153,14 +155,19 @@ impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
 }
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    /// An admitted call, [started](crate::upstream::start) in `call`.
     #[inline]
-    pub(super) fn ready(svc: S, req: Req) -> Self {
-        ResponseFuture {
-            state: State::Ready {
+    pub(super) fn start(start: Start<S, Req, S::Future>) -> Self {
+        let state = match start {
+            Start::Called(fut) => State::Called { fut },
+            Start::NotReady(svc, req) => State::Ready {
                 svc,
                 req: Some(req),
             },
-        }
+            // Returned on the first poll, as a rejection is.
+            Start::Failed(err) => State::Rejected { err: Some(err) },
+        };
+        ResponseFuture { state }
     }
 
     pub(super) fn waiting(deadline: Instant, svc: S, req: Req, waiter: Waiter) -> Self {

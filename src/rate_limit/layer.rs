@@ -120,11 +120,12 @@ impl Core {
         self: &Arc<Self>,
         decision: Decision,
         t: u64,
-        svc: &S,
+        svc: &mut S,
         req: Req,
     ) -> ResponseFuture<S, Req>
     where
         S: Service<Req> + Clone,
+        S::Error: Into<crate::error::BoxError>,
     {
         match decision {
             Decision::Now => {
@@ -132,7 +133,7 @@ impl Core {
                 if let Some(h) = &self.metrics.wait {
                     h.record(0.0);
                 }
-                ResponseFuture::ready(svc.clone(), req)
+                ResponseFuture::start(crate::upstream::start(svc, req))
             }
             Decision::Wait {
                 emission,

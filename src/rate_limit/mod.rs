@@ -176,12 +176,13 @@
 //!
 //! Following the crate's [admission rule](crate#the-admission-rule), `poll_ready` always
 //! returns `Ready(Ok(()))` and reserves nothing; the slot is reserved (or the call rejected)
-//! in `call`, without waiting for the inner service. Each admitted call then drives
-//! readiness of a **clone** of the inner service inside its response future (after its wait,
-//! if any), so the inner service must be `Clone`, and its `poll_ready` must not rely on being
-//! called on the same instance as earlier calls. Wrap a non-`Clone` service in
-//! `tower::buffer::Buffer`. A rejected call clones nothing and never reaches the inner
-//! service.
+//! in `call`, without waiting for the inner service. A call admitted at once calls the inner
+//! service in `call` when it is ready, and otherwise drives its readiness inside the
+//! response future while a **clone** takes its place; a call that must wait clones the
+//! inner service in `call` and drives the clone after its wait (see the
+//! [admission rule](crate#the-admission-rule)). So the inner service must be `Clone`; wrap a
+//! non-`Clone` service in `tower::buffer::Buffer`. A rejected call clones nothing and never
+//! reaches the inner service.
 //!
 //! # Metrics, events and snapshots
 //!

@@ -14,8 +14,9 @@ use crate::error::BoxError;
 /// A service whose calls go through one shared GCRA limiter, made by
 /// [`RateLimitLayer`](super::RateLimitLayer).
 ///
-/// `poll_ready` is always ready and reserves nothing; each admitted call drives a clone of
-/// the inner service (see the [module docs](super#admission-poll_ready-and-clone)).
+/// `poll_ready` is always ready and reserves nothing; an admitted call calls the inner
+/// service in `call` when it is ready, else drives its readiness in the response future
+/// (see the [module docs](super#admission-poll_ready-and-clone)).
 #[derive(Debug)]
 pub struct RateLimit<S> {
     inner: S,
@@ -75,15 +76,16 @@ where
             core.publish_available(t);
         }
         let decision = Decision::from_reserve(r, || WaiterCell::Direct);
-        core.respond(decision, t, &self.inner, req)
+        core.respond(decision, t, &mut self.inner, req)
     }
 }
 
 /// A service whose calls go through one GCRA limiter per key, made by
 /// [`KeyedRateLimitLayer`](super::KeyedRateLimitLayer).
 ///
-/// `poll_ready` is always ready and reserves nothing; each admitted call drives a clone of
-/// the inner service (see the [module docs](super#admission-poll_ready-and-clone)).
+/// `poll_ready` is always ready and reserves nothing; an admitted call calls the inner
+/// service in `call` when it is ready, else drives its readiness in the response future
+/// (see the [module docs](super#admission-poll_ready-and-clone)).
 ///
 /// # Panics
 ///
@@ -164,6 +166,6 @@ where
         let key = (self.extractor)(&req);
         let t = self.core.now_ns();
         let decision = self.keys.decide(&self.core, key, t);
-        self.core.respond(decision, t, &self.inner, req)
+        self.core.respond(decision, t, &mut self.inner, req)
     }
 }

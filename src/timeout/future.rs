@@ -16,13 +16,16 @@ use crate::classify::Classify;
 use crate::clock::{self, Instant};
 use crate::completion::Completion;
 use crate::error::BoxError;
+use crate::upstream::Start;
 
 pin_project! {
     #[project = StateProj]
     enum State<S, Req, F> {
-        // Waiting for the inner clone to be ready; `req` is taken when it is.
+        // Waiting for the inner service to be ready; `req` is taken when it is.
         Ready { svc: S, req: Option<Req> },
         Called { #[pin] fut: F },
+        // Readiness failed in `call`; returned (and classified) on the first poll.
+        Failed { err: Option<BoxError> },
         Done,
     }
 }
@@ -84,18 +87,22 @@ impl<S: Service<Req>, Req, C, M> fmt::Debug for ResponseFuture<S, Req, C, M> {
 
 impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
     pub(super) fn new(
-        svc: S,
-        req: Req,
+        start: Start<S, Req, S::Future>,
         timeout: Duration,
         shared: Arc<Shared>,
         classifier: C,
         completion: M,
     ) -> Self {
-        ResponseFuture {
-            state: State::Ready {
+        let state = match start {
+            Start::Called(fut) => State::Called { fut },
+            Start::NotReady(svc, req) => State::Ready {
                 svc,
                 req: Some(req),
             },
+            Start::Failed(err) => State::Failed { err: Some(err) },
+        };
+        ResponseFuture {
+            state,
             timer: Timer::Unarmed,
             timeout,
             deadline: None,
@@ -145,6 +152,7 @@ where
                     Poll::Ready(r) => break Some(r.map_err(Into::into)),
                     Poll::Pending => break None,
                 },
+                StateProj::Failed { err } => break err.take().map(Err),
                 StateProj::Done => panic!("Timeout ResponseFuture polled after completion"),
             }
         };

@@ -76,11 +76,12 @@
 //! # Admission and `Clone`
 //!
 //! Following the crate's [admission rule](crate#the-admission-rule), `poll_ready` always
-//! returns `Ready(Ok(()))` and reserves nothing; each call drives readiness of a **clone** of
-//! the inner service inside the response future (so the deadline can bound it). The inner
-//! service must therefore be `Clone`, and its `poll_ready` must not rely on being called on
-//! the same instance as earlier calls. Wrap a non-`Clone` service in `tower::buffer::Buffer`
-//! (note that cloning a `Buffer` allocates, so each call then allocates too).
+//! returns `Ready(Ok(()))` and reserves nothing. `call` calls the inner service at once
+//! when it is ready; one that is not is driven to readiness inside the response future, so
+//! the deadline bounds that wait too, and a **clone** takes its place (see the
+//! [admission rule](crate#the-admission-rule)). The inner service must therefore be `Clone`;
+//! wrap a non-`Clone` service in `tower::buffer::Buffer` (cloning a `Buffer` allocates, which
+//! then happens for each call that finds it not ready).
 //!
 //! Since `poll_ready` is always ready, the timeout does **not** pass the inner service's
 //! backpressure outwards: a layer above it that relies on readiness (a balancer, a

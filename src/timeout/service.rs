@@ -12,8 +12,9 @@ use crate::error::BoxError;
 
 /// A service with a per-call deadline, made by [`TimeoutLayer`](super::TimeoutLayer).
 ///
-/// `poll_ready` is always ready and reserves nothing; each call drives a clone of the inner
-/// service (see the [module docs](crate::timeout#admission-and-clone)).
+/// `poll_ready` is always ready and reserves nothing; `call` calls the inner service when it
+/// is ready, else the response future drives its readiness under the deadline (see the
+/// [module docs](crate::timeout#admission-and-clone)).
 #[derive(Debug)]
 pub struct Timeout<S, P, C, M> {
     inner: S,
@@ -89,8 +90,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let timeout = self.policy.timeout_for(&req, self.shared.timeout);
         ResponseFuture::new(
-            self.inner.clone(),
-            req,
+            crate::upstream::start(&mut self.inner, req),
             timeout,
             self.shared.clone(),
             self.classifier.clone(),
