@@ -193,16 +193,15 @@ where
                 }
             },
         };
-        // User code (classifier, TTL and staleness functions) runs while the key is held:
-        // a panic there is recorded as the fetch's failure.
+        // User code (the classifier, the TTL and staleness functions, the `Clone` of what
+        // the store keeps) runs while the key is held: a panic there is recorded as the
+        // fetch's failure, which clears the refresh flag.
         let verdict = store.judge(&res);
+        let success = verdict.success();
         let key = slot.take().expect("polled after completion");
         *polling = false;
         let delta = called.map_or(Duration::ZERO, |at| Instant::now() - at);
-        store.finish(key, &res, &verdict, delta);
-        Poll::Ready(Fetched {
-            res,
-            success: verdict.success(),
-        })
+        store.finish(key, verdict, delta);
+        Poll::Ready(Fetched { res, success })
     }
 }

@@ -54,7 +54,8 @@ pub(super) struct Typed<K, R, C, T> {
 /// The inner error is the upstream's own, or one of the crate's [`BreakwaterError`]s (layer
 /// [`Cache`](LayerKind::Cache), the instance's name): kind
 /// [`Panicked`](ErrorKind::Panicked) when the fetch panicked (the upstream call, the
-/// classifier, or the TTL or staleness function), kind [`Timeout`](ErrorKind::Timeout) when
+/// classifier, the TTL or staleness function, or the response's `Clone` when the fetch
+/// stored it), kind [`Timeout`](ErrorKind::Timeout) when
 /// a refresh the read joined ran past the [refresh timeout](CacheBuilder::refresh_timeout).
 #[derive(Debug, Clone)]
 pub struct FetchError {

@@ -46,6 +46,10 @@
 //!   dependency does not get earlier and more frequent refreshes).
 //! - **Responses must be `Clone`** (`+ Send + Sync`): a hit returns a clone. HTTP users
 //!   buffer bodies to `Bytes` first (cheap clones); for large values map them to `Arc<_>`.
+//!   A `Clone` that panics is a panic of what ran it: of the fetch when it clones the value
+//!   to store (or a rejected response to remember), recorded like an upstream panic; of
+//!   the read when it clones the value for that read (`call` unwinds, or the read's task
+//!   panics), which leaves no flag behind and fails no other read.
 //! - **Miss, or read after expiry**: the value is fetched through the coalescing core:
 //!   concurrent misses for one key make one upstream call, every caller gets its result.
 //! - **XFetch** (Vattani, Chierichetti, Lowenstein, "Optimal Probabilistic Cache Stampede
@@ -141,7 +145,7 @@
 //!   [`RefreshFailed`](crate::event::EventKind::RefreshFailed) for an error or a response
 //!   the classifier did not call a success,
 //!   [`Panicked`](crate::event::EventKind::Panicked) when it panicked (the upstream call,
-//!   the classifier, the TTL or staleness function), or
+//!   the classifier, the TTL or staleness function, or the `Clone` of what is stored), or
 //!   [`TimedOut`](crate::event::EventKind::TimedOut) (`after` = the refresh timeout) for a
 //!   refresh past its deadline.
 //!
@@ -207,12 +211,18 @@
 //! Per-key state is an entry under a shard lock plus the coalescing core's in-flight table
 //! (checked in its own module); the only lock-free flag, "refresh in flight" (an early
 //! refresh, or a retry during an outage), is set with one `swap` so exactly one reader
-//! starts a refresh. It is cleared under the shard's write lock when the refresh records
-//! its result (a success, a failure, its timeout), and otherwise by a guard the refresh
-//! owns, on every other exit: its poll panicked (the coalescing core catches the panic and
-//! drops the refresh; the guard records the failure), or it was dropped unfinished (every
-//! caller left, or its runtime shut down). A read that sets it and then finds no runtime to
-//! spawn the refresh on clears it at once. So no exit leaves the flag set.
+//! starts a refresh. From that `swap` until the refresh exists, a guard of the read owns
+//! the flag: user code the read runs meanwhile (the value's `Clone` for the read, the inner
+//! service's and the key's `Clone` for the refresh, an event listener) clears it if it
+//! panics, as does a read that finds no runtime to spawn the refresh on. Then the refresh
+//! owns it: it is cleared under the shard's write lock when the refresh records its result
+//! (a success, a failure, its timeout), and otherwise by a guard the refresh owns, on every
+//! other exit: its poll panicked (the coalescing core catches the panic and drops the
+//! refresh; the guard records the failure), or it was dropped unfinished (every caller
+//! left, or its runtime shut down). All user code a refresh runs on its result (the
+//! classifier, the TTL and staleness functions, the `Clone` of what is stored) runs before
+//! it lets go of that guard, and a failure's listeners run after the entry is updated. So
+//! no exit leaves the flag set.
 
 mod fill;
 mod layer;

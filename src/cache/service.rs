@@ -26,7 +26,9 @@ use crate::upstream::Upstream;
 ///
 /// # Panics
 ///
-/// `call` panics when the key function panics, and when cloning the inner service panics.
+/// `call` panics when the key function, the random source, the response's `Clone` (for
+/// this read's value), cloning the inner service or the key, or an event listener panics;
+/// a refresh flag the read had set is cleared, so nothing is left behind.
 pub struct Cache<S, K, R, F, T, C> {
     inner: S,
     typed: Arc<Typed<K, R, C, T>>,
@@ -124,35 +126,34 @@ where
                 ins.lookup(HIT);
                 ResponseFuture::ready(Ok(value))
             }
-            Lookup::Hit(value, Some(until)) => {
+            Lookup::Hit(value, Some((until, flag))) => {
                 ins.lookup(HIT);
-                match typed.store.settings.mode {
-                    RefreshMode::Background if !runtime() => {
-                        // No runtime: no early refresh; the flag this read set is cleared.
-                        typed.store.end_refresh(&key);
-                        ResponseFuture::ready(Ok(value))
-                    }
+                let mode = typed.store.settings.mode;
+                if mode == RefreshMode::Background && !runtime() {
+                    // No runtime: no early refresh; the flag this read set is cleared.
+                    drop(flag);
+                    return ResponseFuture::ready(Ok(value));
+                }
+                // User code (the inner service's and the key's `Clone`) runs while `flag`
+                // guards the flag this read set; the refresh owns it once it exists.
+                let fill = Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), true);
+                flag.hand_over();
+                ins.early_refresh();
+                match mode {
                     RefreshMode::Background => {
-                        ins.early_refresh();
-                        let fill =
-                            Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), true);
                         drop(typed.fetches.spawn_detached(key, fill, None));
                         ResponseFuture::ready(Ok(value))
                     }
-                    RefreshMode::Inline => {
-                        ins.early_refresh();
-                        let fill =
-                            Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), true);
-                        fetch(key, fill, Some((value, until)), true)
-                    }
+                    RefreshMode::Inline => fetch(key, fill, Some((value, until)), true),
                 }
             }
             Lookup::Stale(value) => {
                 ins.lookup(STALE);
                 ResponseFuture::ready(Ok(value))
             }
-            Lookup::Retry((value, until)) => {
+            Lookup::Retry((value, until), flag) => {
                 let fill = Fill::new(self.inner.clone(), req, key.clone(), typed.clone(), true);
+                flag.hand_over();
                 if runtime() {
                     ins.lookup(STALE);
                     drop(typed.fetches.spawn_detached(key, fill, None));

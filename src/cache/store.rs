@@ -271,11 +271,51 @@ struct Entry<K, R> {
 /// may no longer be served.
 pub(crate) type Fallback<R> = (R, Instant);
 
+/// The refresh flag of an entry (an early refresh or a retry in flight), set by the read
+/// that holds this, for the refresh it is about to start: cleared when dropped, so that user
+/// code that panics before that refresh exists (the value's `Clone` for this read, the inner
+/// service's, an event listener) leaves no flag behind. [`hand_over`](Self::hand_over) it
+/// once the refresh exists: the refresh owns the flag from then on (see [`Fill`]).
+///
+/// [`Fill`]: super::fill::Fill
+#[must_use]
+pub(crate) struct Flag<'a, K, R> {
+    shard: &'a RwLock<Table<K, R>>,
+    hash: u64,
+    /// The entry's value when the flag was set: the entry is found by it (a pointer
+    /// comparison, no user code), and a flag set since on a newer entry of the key is left
+    /// alone.
+    value: Arc<Stored<R>>,
+    armed: bool,
+}
+
+impl<K, R> Flag<'_, K, R> {
+    /// The refresh that owns the flag from now on exists.
+    pub(crate) fn hand_over(mut self) {
+        self.armed = false;
+    }
+}
+
+impl<K, R> Drop for Flag<'_, K, R> {
+    fn drop(&mut self) {
+        if self.armed {
+            let shard = self.shard.read();
+            let found = shard
+                .entries
+                .find(self.hash, |e| Arc::ptr_eq(&e.value, &self.value));
+            if let Some(e) = found {
+                e.refreshing.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// What a read found.
-pub(crate) enum Lookup<R> {
+pub(crate) enum Lookup<'a, K, R> {
     /// A fresh value; when this read starts an early refresh, the instant from which the
-    /// value may no longer be served (its expiry plus the maximum staleness).
-    Hit(R, Option<Instant>),
+    /// value may no longer be served (its expiry plus the maximum staleness) and the
+    /// entry's refresh flag, set by this read.
+    Hit(R, Option<(Instant, Flag<'a, K, R>)>),
     /// An expired value within the maximum staleness, served while backing off.
     Stale(R),
     /// A remembered failure.
@@ -283,10 +323,10 @@ pub(crate) enum Lookup<R> {
     /// Nothing usable: fetch, falling back on the expired value when there is one.
     Fetch(Option<Fallback<R>>),
     /// An expired value within its maximum staleness whose key is in outage (its last fetch
-    /// failed) and whose back-off is over: this read set the refresh flag and starts the
-    /// retry in the background; it is served the value, like every read while the retry
-    /// runs.
-    Retry(Fallback<R>),
+    /// failed) and whose back-off is over: this read set the refresh flag (given here) and
+    /// starts the retry in the background; it is served the value, like every read while
+    /// the retry runs.
+    Retry(Fallback<R>, Flag<'a, K, R>),
 }
 
 /// What a read found, decided under the shard lock; the value is cloned after it.
@@ -386,17 +426,21 @@ pub trait TtlPolicy<Res>: super::policy::Sealed + Clone + Send + Sync + 'static 
     fn ttl(&self, res: &Res) -> Option<Duration>;
 }
 
-/// What the classifier and the TTL policy said of an upstream result.
-pub(crate) struct Verdict {
+/// What the classifier and the TTL policy said of an upstream result, and what of it the
+/// store keeps.
+pub(crate) struct Verdict<R> {
     success: bool,
     /// The TTL to store it with (a success with a TTL > 0 only).
     ttl: Option<Duration>,
     /// How long past its expiry it may be served: the configured maximum staleness, or the
     /// response's own allowance when smaller.
     stale_for: Duration,
+    /// What the store keeps, cloned from the result: the value to store (a success with a
+    /// TTL), or the failure to remember (a failure, with a negative TTL).
+    kept: Option<Arc<Stored<R>>>,
 }
 
-impl Verdict {
+impl<R> Verdict<R> {
     pub(crate) fn success(&self) -> bool {
         self.success
     }
@@ -455,7 +499,7 @@ where
     /// released. A fresh entry before its XFetch window costs one comparison beyond the
     /// lookup (its window never opens after its expiry).
     #[inline]
-    pub(crate) fn lookup(&self, key: &K, now: Instant) -> Lookup<R> {
+    pub(crate) fn lookup(&self, key: &K, now: Instant) -> Lookup<'_, K, R> {
         let hash = self.hasher.hash_one(key);
         let (value, found) = {
             let shard = self.shard(hash).read();
@@ -473,10 +517,10 @@ where
             };
             (e.value.clone(), found)
         };
-        match (&*value, found) {
-            (Stored::Value(v), Found::Hit) => Lookup::Hit(v.clone(), None),
-            (_, found) => self.found_late(key, hash, &value, found, now),
+        if let (Stored::Value(v), Found::Hit) = (&*value, &found) {
+            return Lookup::Hit(v.clone(), None);
         }
+        self.found_late(key, hash, value, found, now)
     }
 
     /// What a read at `now` found in `e`, at or after its window (shard lock held).
@@ -512,22 +556,45 @@ where
         &self,
         key: &K,
         hash: u64,
-        value: &Arc<Stored<R>>,
+        value: Arc<Stored<R>>,
         found: Found,
         now: Instant,
-    ) -> Lookup<R> {
-        match (&**value, found) {
+    ) -> Lookup<'_, K, R> {
+        match (&*value, found) {
             (_, Found::Gone) => Lookup::Fetch(None),
             (Stored::Failed(f), _) => Lookup::Failed(f.clone()),
             (Stored::Value(v), Found::Window(expiry, delta, until)) => {
-                let early = self.starts_refresh(key, hash, value, now, expiry, delta);
-                Lookup::Hit(v.clone(), early.then_some(until))
+                if !self.starts_refresh(key, hash, &value, now, expiry, delta) {
+                    return Lookup::Hit(v.clone(), None);
+                }
+                self.flagged(hash, value)
+                    .map_or(Lookup::Fetch(None), |(v, f)| {
+                        Lookup::Hit(v, Some((until, f)))
+                    })
             }
             (Stored::Value(v), Found::Hit) => Lookup::Hit(v.clone(), None),
             (Stored::Value(v), Found::Stale) => Lookup::Stale(v.clone()),
-            (Stored::Value(v), Found::Retry(until)) => Lookup::Retry((v.clone(), until)),
+            (Stored::Value(_), Found::Retry(until)) => self
+                .flagged(hash, value)
+                .map_or(Lookup::Fetch(None), |(v, f)| Lookup::Retry((v, until), f)),
             (Stored::Value(v), Found::Fallback(until)) => Lookup::Fetch(Some((v.clone(), until))),
             (Stored::Value(_), Found::Failed) => Lookup::Fetch(None),
+        }
+    }
+
+    /// The value of `value`'s entry, whose refresh flag this read has just set, and that
+    /// flag: guarded before the value is cloned (user code), so that a panicking clone
+    /// clears it. `None` (the flag cleared) for a remembered failure, which has no flag.
+    fn flagged(&self, hash: u64, value: Arc<Stored<R>>) -> Option<(R, Flag<'_, K, R>)> {
+        let flag = Flag {
+            shard: self.shard(hash),
+            hash,
+            value,
+            armed: true,
+        };
+        match &*flag.value {
+            Stored::Value(v) => Some((v.clone(), flag)),
+            Stored::Failed(_) => None,
         }
     }
 
@@ -563,9 +630,13 @@ where
         }
     }
 
-    /// Classifies an upstream result and computes its TTL (user code: run it while the
-    /// caller still holds the key, so that a panic here still clears the refresh flag).
-    pub(crate) fn judge(&self, res: &Shared<R>) -> Verdict {
+    /// Classifies an upstream result, computes its TTL and maximum staleness, and clones
+    /// what the store keeps of it. All of it is user code (the classifier, the TTL and
+    /// staleness functions, the value's `Clone`): run it while the caller still holds the
+    /// key, so that a panic here is recorded as the computation's failure (which clears
+    /// the refresh flag), and [`finish`](Self::finish) then runs none before the entry is
+    /// in its new state.
+    pub(crate) fn judge(&self, res: &Shared<R>) -> Verdict<R> {
         let success = matches!(
             self.classifier.classify(res.as_ref().map_err(|e| &**e)),
             Outcome::Success
@@ -579,24 +650,39 @@ where
             (Ok(r), Some(f), Some(_)) => f(r).map_or(max, |d| d.min(max)),
             _ => max,
         };
+        let kept = match (res, ttl) {
+            (Ok(value), Some(_)) => Some(Arc::new(Stored::Value(value.clone()))),
+            _ if !success => self.remember(res),
+            _ => None,
+        };
         Verdict {
             success,
             ttl,
             stale_for,
+            kept,
         }
     }
 
-    /// Records the result of an upstream computation for `key` that took `delta`.
-    pub(crate) fn finish(&self, key: K, res: &Shared<R>, verdict: &Verdict, delta: Duration) {
+    /// The failure `res` as a negative TTL remembers it (`None` without one). Clones a
+    /// response the classifier rejected (user code); an error is shared, not cloned.
+    fn remember(&self, res: &Shared<R>) -> Option<Arc<Stored<R>>> {
+        (self.settings.negative_ttl)
+            .is_some()
+            .then(|| Arc::new(Stored::Failed(res.clone())))
+    }
+
+    /// Records the result of an upstream computation for `key` that took `delta`, as
+    /// [judged](Self::judge).
+    pub(crate) fn finish(&self, key: K, verdict: Verdict<R>, delta: Duration) {
         let now = Instant::now();
         if !verdict.success {
-            return self.failed(key, res, now, Failure::Failed);
+            return self.record_failure(key, verdict.kept, now, Failure::Failed);
         }
         if let Some(h) = &self.instruments.recompute {
             h.record(delta.as_secs_f64());
         }
         let hash = self.hasher.hash_one(&key);
-        let (Some(ttl), Ok(value)) = (verdict.ttl, res) else {
+        let (Some(ttl), Some(value)) = (verdict.ttl, verdict.kept) else {
             // A success that is not stored still ends an outage: the next read fetches.
             return self.end_outage(&key);
         };
@@ -604,8 +690,8 @@ where
         let entry = Entry {
             hash,
             key,
-            // Cloned before the lock is taken.
-            value: Arc::new(Stored::Value(value.clone())),
+            // Cloned by `judge`, before the lock is taken.
+            value,
             expiry,
             window: window_start(now, expiry, delta, self.settings.beta),
             stale_until: later(expiry, verdict.stale_for),
@@ -617,32 +703,58 @@ where
         self.put(self.shard(hash).write(), entry, now);
     }
 
-    /// A failed computation: the failure is counted, the stored value kept (and, while it
-    /// may be served, its key backs off); with a negative TTL, a key with no value left to
-    /// serve remembers the failure.
+    /// A computation that failed with `res` (an error: a panic or a timeout, no user code
+    /// to run), as [`record_failure`](Self::record_failure) records it.
     pub(crate) fn failed(&self, key: K, res: &Shared<R>, now: Instant, how: Failure) {
+        self.record_failure(key, self.remember(res), now, how);
+    }
+
+    /// A failed computation: the stored value is kept (and, while it may be served, its key
+    /// backs off); with a negative TTL, a key with no value left to serve remembers the
+    /// failure (`remembered`, from [`remember`](Self::remember)). Then the failure is
+    /// counted and announced: a panicking listener finds the entry in its new state, its
+    /// refresh flag cleared.
+    fn record_failure(
+        &self,
+        key: K,
+        remembered: Option<Arc<Stored<R>>>,
+        now: Instant,
+        how: Failure,
+    ) {
+        let old = self.keep_failure(key, remembered, now);
         self.instruments.refresh_failed(how);
+        // The replaced value is dropped (user code) last.
+        drop(old);
+    }
+
+    /// The entry of `key` after a failure at `now` (see
+    /// [`record_failure`](Self::record_failure)). Returns
+    /// what the caller drops (user code) after the lock: the value a remembered failure
+    /// replaced, or the failure not remembered because a value may still be served.
+    fn keep_failure(
+        &self,
+        key: K,
+        remembered: Option<Arc<Stored<R>>>,
+        now: Instant,
+    ) -> Option<Arc<Stored<R>>> {
         let s = &self.settings;
         let until = s.negative_ttl.map(|ttl| later(now, ttl));
-        // The failure to remember is cloned before the lock is taken.
-        let remembered = until.map(|_| Arc::new(Stored::Failed(res.clone())));
         let hash = self.hasher.hash_one(&key);
         let mut shard = self.shard(hash).write();
         if let Some(e) = shard.entries.find_mut(hash, |e| e.key == key) {
             e.refreshing.store(false, Ordering::Relaxed);
             e.retry_at = Some(later(now, s.stale_retry_interval));
             let servable = matches!(*e.value, Stored::Value(_)) && now < e.stale_until;
-            let mut old = None;
-            if let (false, Some(until), Some(failed)) = (servable, until, remembered) {
-                old = Some(std::mem::replace(&mut e.value, failed));
-                (e.expiry, e.window, e.stale_until) = (until, until, until);
-            }
-            drop(shard);
-            // The replaced value is dropped (user code) after the lock is released.
-            return drop(old);
+            return match (servable, until, remembered) {
+                (false, Some(until), Some(failed)) => {
+                    (e.expiry, e.window, e.stale_until) = (until, until, until);
+                    Some(std::mem::replace(&mut e.value, failed))
+                }
+                (_, _, unused) => unused,
+            };
         }
         let (Some(until), Some(value)) = (until, remembered) else {
-            return;
+            return None;
         };
         let entry = Entry {
             hash,
@@ -657,6 +769,7 @@ where
             retry_at: None,
         };
         self.put(shard, entry, now);
+        None
     }
 
     /// Stores `entry` in its shard (`shard`, write-locked by the caller), replacing the

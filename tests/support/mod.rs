@@ -260,3 +260,28 @@ pub mod reads {
             .expect("a value")
     }
 }
+
+/// Tasks: reads on their own task (so that they can panic or be aborted), and letting
+/// spawned tasks run.
+pub mod tasks {
+    use tokio::task::JoinHandle;
+    use tower::Service;
+    use tower_breakwater::BoxError;
+
+    /// Lets spawned tasks (detached refreshes, readers) run until they wait on something.
+    pub async fn run_tasks() {
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// One read of `k` through a clone of `svc`, on a task of its own.
+    pub fn spawn_get<S>(svc: &S, k: u64) -> JoinHandle<Result<u64, BoxError>>
+    where
+        S: Service<u64, Response = u64, Error = BoxError> + Clone + Send + 'static,
+        S::Future: Send,
+    {
+        let mut svc = svc.clone();
+        tokio::spawn(async move { super::reads::get(&mut svc, k).await })
+    }
+}
