@@ -200,3 +200,49 @@ async fn readiness_errors_are_returned_by_every_layer() {
     assert_eq!(h.snapshot().gauge("calls_in_window"), Some(1.0));
     assert_eq!(h.snapshot().gauge("failure_rate"), Some(1.0));
 }
+
+/// Fails request 0, panics in `call` on request 1, answers the others.
+#[derive(Clone)]
+struct PanicsInCall;
+
+impl Service<u32> for PanicsInCall {
+    type Response = u32;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<u32, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, r: u32) -> Self::Future {
+        match r {
+            0 => std::future::ready(Err("failed".into())),
+            1 => panic!("inner panics in call"),
+            r => std::future::ready(Ok(r)),
+        }
+    }
+}
+
+/// The inner service runs inside the breaker's `call`: its panic unwinds out of `call`, and
+/// the half-open probe slot that call took is free again at once.
+#[tokio::test(start_paused = true)]
+async fn an_inner_panic_in_call_frees_the_half_open_probe_slot() {
+    use tower_breakwater::circuit_breaker::{SlidingWindow, State};
+    let layer = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::consecutive_failures(1))
+        .wait_in_open(Duration::from_secs(1))
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let mut svc = layer.layer(PanicsInCall);
+    assert!(svc.ready().await.unwrap().call(0).await.is_err());
+    assert_eq!(h.state(), State::Open);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(svc.call(1))));
+    assert!(caught.is_err(), "the panic unwinds out of `call`");
+    assert_eq!(h.state(), State::HalfOpen);
+    // The one probe slot is free: the next call is admitted (not rejected) and closes it.
+    assert_eq!(svc.ready().await.unwrap().call(2).await.unwrap(), 2);
+    assert_eq!(h.state(), State::Closed);
+}

@@ -71,10 +71,29 @@ pub(super) struct Ticket {
     pub(super) probe: bool,
 }
 
-/// Undoes an admission whose caller never received it (see `Shared::admit_slow`).
-struct Undo<'a> {
+/// Undoes an admission whose caller never received it, when dropped armed: a listener
+/// panicking in `Shared::admit_slow`, or the inner service panicking in `call` before the
+/// call's guard exists.
+pub(super) struct Undo<'a> {
     shared: &'a Shared,
     ticket: Option<Ticket>,
+}
+
+impl<'a> Undo<'a> {
+    /// Armed for `ticket`.
+    #[inline]
+    pub(super) fn new(shared: &'a Shared, ticket: Ticket) -> Self {
+        Undo {
+            shared,
+            ticket: Some(ticket),
+        }
+    }
+
+    /// The admission was handed over: nothing to undo.
+    #[inline]
+    pub(super) fn disarm(self) {
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for Undo<'_> {
@@ -287,12 +306,11 @@ impl Shared {
         };
         // A listener panicking on a transition must not keep the slot just taken: the
         // caller's guard does not exist yet, so the admission is undone here on unwind.
-        let undo = Undo {
-            shared: self,
-            ticket: result.ok(),
-        };
+        let undo = result.ok().map(|t| Undo::new(self, t));
         self.emit(out);
-        std::mem::forget(undo);
+        if let Some(undo) = undo {
+            undo.disarm();
+        }
         result
     }
 

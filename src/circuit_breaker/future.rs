@@ -29,12 +29,13 @@ pub(super) struct Guard {
 
 impl Guard {
     /// Takes a reference to `shared` (from the thread's spare cache when it has one).
+    /// `started`: when the call started, for a breaker that measures durations.
     #[inline]
-    pub(super) fn new(shared: &Arc<Shared>, ticket: Ticket) -> Guard {
+    pub(super) fn new(shared: &Arc<Shared>, ticket: Ticket, started: Option<Instant>) -> Guard {
         Guard {
             shared: Some(super::spare::acquire(shared)),
             ticket,
-            started: None,
+            started,
             armed: true,
         }
     }
@@ -42,14 +43,6 @@ impl Guard {
     #[inline]
     fn shared(&self) -> &Shared {
         self.shared.as_ref().expect("present until dropped")
-    }
-
-    /// Starts the call's clock (when the breaker measures durations).
-    #[inline]
-    pub(super) fn start(&mut self) {
-        if self.started.is_none() && self.shared().timed {
-            self.started = Some(clock::now());
-        }
     }
 
     #[inline]
@@ -116,7 +109,9 @@ impl fmt::Debug for Admission {
 impl sealed::Sealed for Admission {}
 
 impl CallEnd for Admission {
-    #[inline]
+    // Always inlined: a call that ended at its response holds no guard here, and inlined
+    // this whole function folds away.
+    #[inline(always)]
     fn end(self, how: End) {
         let outcome = match how {
             End::BodyError => Outcome::Failure,

@@ -4,10 +4,11 @@ use std::task::{Context, Poll};
 use tower::Service;
 
 use super::ResponseFuture;
-use super::core::Shared;
+use super::core::{Shared, Undo};
 use super::future::{Admission, Guard};
 use super::spare::Owner;
 use crate::classify::Classify;
+use crate::clock;
 use crate::completion::{AtResponse, Completion};
 use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
 use crate::upstream;
@@ -84,12 +85,17 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         match self.shared.admit() {
             Ok(ticket) => {
-                // Owned before the inner service runs: a panic in it frees the admission.
-                let mut guard = Guard::new(&self.shared, ticket);
-                guard.start();
+                let started = self.shared.timed.then(clock::now);
+                // A panic of the inner service in `call` frees the admission. The guard is
+                // made after the inner call, straight into the response future: built
+                // before it, it would be spilled and copied back (a store-forwarding stall
+                // that costs more than the rest of the call).
+                let undo = Undo::new(&self.shared, ticket);
+                let start = upstream::start(&mut self.inner, req);
+                undo.disarm();
                 ResponseFuture::admitted(
-                    upstream::start(&mut self.inner, req),
-                    guard,
+                    start,
+                    Guard::new(&self.shared, ticket, started),
                     self.classifier.clone(),
                     self.completion.clone(),
                 )

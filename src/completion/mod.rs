@@ -131,7 +131,7 @@ impl<Res> Completion<Res> for AtResponse {
 
     const AFTER_RESPONSE: bool = false;
 
-    #[inline]
+    #[inline(always)]
     fn complete<E: CallEnd>(&self, res: Res, end: E) -> Res {
         end.end(End::Response);
         res
