@@ -24,7 +24,7 @@
 //! lasts until that thread next finishes a call through any breaker (or exits). The registry
 //! holds the [`Owner`] weakly, so it never counts a spare reference as a live breaker.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,12 +34,17 @@ use super::core::Shared;
 /// Spare references kept per thread.
 pub(super) const SLOTS: usize = 4;
 
-type Slots = [Option<Arc<Shared>>; SLOTS];
-
 /// One thread's spare references, and the value of [`CLOSED`] it last swept for.
+///
+/// Plain cells, no `RefCell`: nothing here is borrowed across other code. `addr[i]` is the
+/// address of the breaker in `slots[i]` (0 when empty), so finding a slot reads integers
+/// and moves no `Arc` until the one slot it takes or fills. A reference taken out to be
+/// dropped is dropped only once the cache is consistent again: dropping a last reference
+/// runs user code (metric handles, event listeners), which may call back in here.
 struct Cache {
-    slots: Slots,
-    swept: usize,
+    slots: [Cell<Option<Arc<Shared>>>; SLOTS],
+    addr: [Cell<usize>; SLOTS],
+    swept: Cell<usize>,
 }
 
 /// Breakers closed so far in the process (wrapping): a thread whose cache last swept for an
@@ -51,9 +56,35 @@ static CLOSED: Padded = Padded(AtomicUsize::new(0));
 struct Padded(AtomicUsize);
 
 thread_local! {
-    static SPARE: RefCell<Cache> = const {
-        RefCell::new(Cache { slots: [const { None }; SLOTS], swept: 0 })
+    static SPARE: Cache = const {
+        Cache {
+            slots: [const { Cell::new(None) }; SLOTS],
+            addr: [const { Cell::new(0) }; SLOTS],
+            swept: Cell::new(0),
+        }
     };
+}
+
+/// The address a slot records for `arc`.
+#[inline]
+fn addr(arc: &Arc<Shared>) -> usize {
+    Arc::as_ptr(arc) as usize
+}
+
+impl Cache {
+    /// Empties slot `i`, returning its reference.
+    #[inline]
+    fn take(&self, i: usize) -> Option<Arc<Shared>> {
+        self.addr[i].set(0);
+        self.slots[i].take()
+    }
+
+    /// Fills empty slot `i`.
+    #[inline]
+    fn put(&self, i: usize, arc: Arc<Shared>) {
+        self.addr[i].set(addr(&arc));
+        self.slots[i].set(Some(arc));
+    }
 }
 
 /// The owners' share of a breaker: layers, services and handles hold an `Arc<Owner>`; calls
@@ -86,14 +117,13 @@ impl Drop for Owner {
     fn drop(&mut self) {
         self.0.close();
         CLOSED.0.fetch_add(1, Ordering::Release);
-        // Dropped after the cache is released (the last reference runs user code).
-        let mut dead: Slots = [const { None }; SLOTS];
-        let _ = SPARE.try_with(|cell| {
-            if let Ok(mut cache) = cell.try_borrow_mut() {
-                for (slot, d) in cache.slots.iter_mut().zip(dead.iter_mut()) {
-                    if slot.as_ref().is_some_and(|a| Arc::ptr_eq(a, &self.0)) {
-                        *d = slot.take();
-                    }
+        // Dropped once the cache is consistent (the last reference runs user code).
+        let mut dead: [Option<Arc<Shared>>; SLOTS] = [const { None }; SLOTS];
+        let me = addr(&self.0);
+        let _ = SPARE.try_with(|cache| {
+            for (i, d) in dead.iter_mut().enumerate() {
+                if cache.addr[i].get() == me {
+                    *d = cache.take(i);
                 }
             }
         });
@@ -103,18 +133,15 @@ impl Drop for Owner {
 /// A reference to `shared`: a spare one from this thread's cache, or a clone.
 #[inline]
 pub(super) fn acquire(shared: &Arc<Shared>) -> Arc<Shared> {
-    let cached = SPARE
-        .try_with(|cell| {
-            let mut cache = cell.try_borrow_mut().ok()?;
-            cache
-                .slots
-                .iter_mut()
-                .find(|s| s.as_ref().is_some_and(|a| Arc::ptr_eq(a, shared)))?
-                .take()
+    let want = addr(shared);
+    SPARE
+        .try_with(|cache| {
+            let i = cache.addr.iter().position(|a| a.get() == want)?;
+            cache.take(i)
         })
         .ok()
-        .flatten();
-    cached.unwrap_or_else(|| Arc::clone(shared))
+        .flatten()
+        .unwrap_or_else(|| Arc::clone(shared))
 }
 
 /// Gives a reference back: parked in this thread's cache, or dropped (when its breaker is
@@ -126,62 +153,55 @@ pub(super) fn release(arc: Arc<Shared>) {
         return drop(arc);
     }
     let closed = CLOSED.0.load(Ordering::Acquire);
-    // Whatever must be dropped is dropped after the cache is released (dropping the last
-    // reference runs user code: metric handles, event listeners).
-    let _dropped: Option<Arc<Shared>> = SPARE
-        .try_with(|cell| {
-            let Ok(mut cache) = cell.try_borrow_mut() else {
-                return Some(arc);
-            };
-            if closed != cache.swept {
-                drop(cache);
-                return release_sweeping(cell, arc, closed);
-            }
-            park(&mut cache.slots, arc)
-        })
-        .unwrap_or(None);
+    // Out of the thread's storage (its destructor ran), the closure and `arc` are dropped.
+    let _ = SPARE.try_with(|cache| {
+        if closed != cache.swept.get() {
+            return release_sweeping(cache, arc, closed);
+        }
+        match cache.addr.iter().position(|a| a.get() == 0) {
+            Some(i) => cache.put(i, arc),
+            None => release_full(cache, arc),
+        }
+    });
 }
 
-/// Parks `arc` in a free slot; returns what must be dropped.
-#[inline]
-fn park(slots: &mut Slots, arc: Arc<Shared>) -> Option<Arc<Shared>> {
-    if let Some(free) = slots.iter_mut().find(|s| s.is_none()) {
-        *free = Some(arc);
-        return None;
-    }
-    release_full(slots, arc)
-}
-
-/// [`release`] after a breaker has closed: drops this thread's spares of closed breakers
-/// (after the cache is released), then parks `arc`.
+/// [`release`] after a breaker has closed: drops this thread's spares of closed breakers,
+/// then parks `arc`. Drops run once the cache is consistent again (a drop of a last
+/// reference runs user code, which may call back in here).
 #[cold]
 #[inline(never)]
-fn release_sweeping(cell: &RefCell<Cache>, arc: Arc<Shared>, closed: usize) -> Option<Arc<Shared>> {
-    let mut dead: Slots = [const { None }; SLOTS];
-    let Ok(mut cache) = cell.try_borrow_mut() else {
-        return Some(arc);
-    };
-    cache.swept = closed;
-    for (slot, d) in cache.slots.iter_mut().zip(dead.iter_mut()) {
-        if slot.as_ref().is_some_and(|a| a.is_closed()) {
-            *d = slot.take();
+fn release_sweeping(cache: &Cache, arc: Arc<Shared>, closed: usize) {
+    let mut dead: [Option<Arc<Shared>>; SLOTS] = [const { None }; SLOTS];
+    cache.swept.set(closed);
+    for (i, d) in dead.iter_mut().enumerate() {
+        if let Some(a) = cache.take(i) {
+            if a.is_closed() {
+                *d = Some(a);
+            } else {
+                cache.put(i, a);
+            }
         }
     }
-    let rest = park(&mut cache.slots, arc);
-    drop(cache);
+    match cache.addr.iter().position(|a| a.get() == 0) {
+        Some(i) => cache.put(i, arc),
+        None => drop(arc),
+    }
     drop(dead);
-    rest
 }
 
-/// The cache is full: replace a reference that nothing else holds, or else give `arc` back
-/// to be dropped.
+/// The cache is full: replace a reference that nothing else holds (dropped once the cache
+/// is consistent again), or else drop `arc`.
 #[cold]
-fn release_full(slots: &mut Slots, arc: Arc<Shared>) -> Option<Arc<Shared>> {
-    match slots
-        .iter_mut()
-        .find(|s| s.as_ref().is_some_and(|a| Arc::strong_count(a) == 1))
-    {
-        Some(dead) => dead.replace(arc),
-        None => Some(arc),
+#[inline(never)]
+fn release_full(cache: &Cache, arc: Arc<Shared>) {
+    for i in 0..SLOTS {
+        if let Some(a) = cache.take(i) {
+            if Arc::strong_count(&a) == 1 {
+                cache.put(i, arc);
+                return drop(a);
+            }
+            cache.put(i, a);
+        }
     }
+    drop(arc);
 }
