@@ -3,7 +3,7 @@
 //!
 //! Every layer here is always ready (`poll_ready` reserves nothing; admission is decided in
 //! `call`), so an admitted call must still get the inner service ready before calling it.
-//! [`start`] asks the inner service once, in `call`, with a no-op waker: a service that is
+//! [`probe`] asks the inner service once, in `call`, with a no-op waker: a service that is
 //! ready (the common case: HTTP clients, `service_fn`, this crate's own layers) is called at
 //! once and nothing is cloned. A service that is not ready is moved into the response future,
 //! which polls it again with the task's waker (so whatever the first poll registered, such
@@ -32,38 +32,43 @@ impl OnCall for () {
     fn on_call(&mut self) {}
 }
 
-/// How a call to the inner service starts; see [`start`].
-pub(crate) enum Start<S, Req, F> {
-    /// The service was ready: it was called, and this is its response future.
-    Called(F),
-    /// The service was not ready: the service itself, to be polled to readiness by the
-    /// response future (a clone took its place), and the request.
-    NotReady(S, Req),
-    /// The service failed its readiness check.
+/// The inner service's readiness, asked once in `call`; see [`probe`].
+pub(crate) enum Readiness<S> {
+    /// Ready: call it now.
+    Now,
+    /// Not ready: the service itself, to be driven to readiness by the response future (a
+    /// clone took its place).
+    Later(S),
+    /// Its readiness failed.
     Failed(BoxError),
 }
 
-/// Starts a call to `svc`: calls it at once when its `poll_ready`, polled once with a no-op
-/// waker, is ready; otherwise replaces `svc` by a clone and hands the original, to be driven
-/// to readiness, back with the request (see the [module docs](self)).
-#[inline]
-pub(crate) fn start<S, Req>(svc: &mut S, req: Req) -> Start<S, Req, S::Future>
+/// Asks `svc` for readiness once, with a no-op waker; when it is not ready, replaces it by a
+/// clone and hands the original back (see the [module docs](self)).
+///
+/// The caller then builds its response future around `svc.call(req)` in one expression, so
+/// that the inner future is written where it lives: moved through an intermediate value,
+/// it would be copied once more per layer, and a stack of layers copies every nested
+/// future at each level.
+#[inline(always)]
+pub(crate) fn probe<S, Req>(svc: &mut S) -> Readiness<S>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
 {
     match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(Ok(())) => Start::Called(svc.call(req)),
-        Poll::Ready(Err(e)) => Start::Failed(e.into()),
-        Poll::Pending => not_ready(svc, req),
+        Poll::Ready(Ok(())) => Readiness::Now,
+        Poll::Ready(Err(e)) => Readiness::Failed(e.into()),
+        Poll::Pending => Readiness::Later(take(svc)),
     }
 }
 
+/// `svc` itself, a clone taking its place.
 #[cold]
 #[inline(never)]
-fn not_ready<S: Service<Req> + Clone, Req, F>(svc: &mut S, req: Req) -> Start<S, Req, F> {
+fn take<S: Clone>(svc: &mut S) -> S {
     let fresh = svc.clone();
-    Start::NotReady(std::mem::replace(svc, fresh), req)
+    std::mem::replace(svc, fresh)
 }
 
 pin_project! {
@@ -72,7 +77,7 @@ pin_project! {
         // Waiting for the inner clone to be ready; `req` is taken when it is.
         Ready { svc: S, req: Option<Req> },
         Called { #[pin] fut: F },
-        // Readiness failed in `start`; returned on the first poll.
+        // Readiness failed in `call`; returned on the first poll.
         Failed { err: Option<BoxError> },
         Done,
     }
@@ -99,20 +104,20 @@ impl<S: Service<Req>, Req> Upstream<S, Req> {
         Upstream::with_on_call(svc, req, ())
     }
 
-    /// A call [started](start) at once on `svc` when it is ready.
+    /// A call to `svc`, made at once when it is ready (see [`probe`]).
     #[inline]
     pub(crate) fn start(svc: &mut S, req: Req) -> Self
     where
         S: Clone,
         S::Error: Into<BoxError>,
     {
-        let state = match start(svc, req) {
-            Start::Called(fut) => State::Called { fut },
-            Start::NotReady(svc, req) => State::Ready {
+        let state = match probe(svc) {
+            Readiness::Now => State::Called { fut: svc.call(req) },
+            Readiness::Later(svc) => State::Ready {
                 svc,
                 req: Some(req),
             },
-            Start::Failed(err) => State::Failed { err: Some(err) },
+            Readiness::Failed(err) => State::Failed { err: Some(err) },
         };
         Upstream { state, on_call: () }
     }

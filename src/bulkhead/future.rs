@@ -12,7 +12,6 @@ use super::layer::Shared;
 use crate::clock::{self, Instant};
 use crate::completion::{AtResponse, CallEnd, Completion, End, sealed};
 use crate::error::{BoxError, BreakwaterError};
-use crate::upstream::Start;
 
 /// One held bulkhead permit, returned when dropped (RAII), exactly once. With
 /// [`whole_body`](super::BulkheadBuilder::whole_body) it is held inside the response's
@@ -208,22 +207,40 @@ impl<S: Service<Req>, Req, M> fmt::Debug for ResponseFuture<S, Req, M> {
 }
 
 impl<S: Service<Req>, Req, M> ResponseFuture<S, Req, M> {
-    #[inline]
-    pub(super) fn admitted(start: Start<S, Req, S::Future>, permit: Permit, completion: M) -> Self {
-        let (state, svc, req, permit) = match start {
-            Start::Called(fut) => (State::Called { fut }, None, None, Some(permit)),
-            Start::NotReady(svc, req) => (State::Ready, Some(svc), Some(req), Some(permit)),
-            Start::Failed(err) => {
-                drop(permit);
-                (State::Failed { err: Some(err) }, None, None, None)
-            }
-        };
+    /// A call with a permit whose inner service was ready in `call`: its inner future.
+    #[inline(always)]
+    pub(super) fn called(fut: S::Future, permit: Permit, completion: M) -> Self {
         ResponseFuture {
-            state,
+            state: State::Called { fut },
             sleep: None,
-            svc,
-            req,
-            permit,
+            svc: None,
+            req: None,
+            permit: Some(permit),
+            completion,
+        }
+    }
+
+    /// A call with a permit whose inner service was not ready in `call`: the service, to
+    /// be driven to readiness while the permit is held.
+    pub(super) fn not_ready(svc: S, req: Req, permit: Permit, completion: M) -> Self {
+        ResponseFuture {
+            state: State::Ready,
+            sleep: None,
+            svc: Some(svc),
+            req: Some(req),
+            permit: Some(permit),
+            completion,
+        }
+    }
+
+    /// A call whose inner service failed its readiness in `call` (its permit returned).
+    pub(super) fn failed(err: BoxError, completion: M) -> Self {
+        ResponseFuture {
+            state: State::Failed { err: Some(err) },
+            sleep: None,
+            svc: None,
+            req: None,
+            permit: None,
             completion,
         }
     }

@@ -7,7 +7,7 @@ use super::layer::{Admission, Shared};
 use super::{Permit, ResponseFuture};
 use crate::completion::{AtResponse, Completion};
 use crate::error::BoxError;
-use crate::upstream;
+use crate::upstream::{self, Readiness};
 
 /// A service whose calls are limited by a bulkhead, made by
 /// [`BulkheadLayer`](super::BulkheadLayer).
@@ -77,11 +77,20 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         match self.shared.admit() {
             // The permit is owned before the inner service runs: a panic in it returns it.
-            Admission::Admitted(permit) => ResponseFuture::admitted(
-                upstream::start(&mut self.inner, req),
-                permit,
-                self.completion.clone(),
-            ),
+            // The inner future is built in the expression that places it (see
+            // `upstream::probe`).
+            Admission::Admitted(permit) => match upstream::probe(&mut self.inner) {
+                Readiness::Now => {
+                    ResponseFuture::called(self.inner.call(req), permit, self.completion.clone())
+                }
+                Readiness::Later(svc) => {
+                    ResponseFuture::not_ready(svc, req, permit, self.completion.clone())
+                }
+                Readiness::Failed(err) => {
+                    drop(permit);
+                    ResponseFuture::failed(err, self.completion.clone())
+                }
+            },
             Admission::Queued(ticket) => {
                 ResponseFuture::queued(self.inner.clone(), req, ticket, self.completion.clone())
             }

@@ -13,7 +13,6 @@ use crate::classify::{Classify, Outcome};
 use crate::clock::{self, Instant};
 use crate::completion::{AtResponse, CallEnd, Completion, End, sealed};
 use crate::error::BoxError;
-use crate::upstream::Start;
 
 /// The admission of one call, held by its response future until the call finishes. Dropped
 /// unfinished (the caller cancelled, an outer timeout fired, the inner future panicked), it
@@ -126,7 +125,7 @@ impl CallEnd for Admission {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<S, Req, F> {
+    pub(super) enum Kind<S, Req, F> {
         // Admitted; waiting for the inner service to be ready. `req` is taken when it is.
         Ready { svc: S, req: Option<Req> },
         Called { #[pin] fut: F },
@@ -170,20 +169,13 @@ impl<S: Service<Req>, Req, C, M> fmt::Debug for ResponseFuture<S, Req, C, M> {
 }
 
 impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
+    #[inline(always)]
     pub(super) fn admitted(
-        start: Start<S, Req, S::Future>,
+        kind: Kind<S, Req, S::Future>,
         guard: Guard,
         classifier: C,
         completion: M,
     ) -> Self {
-        let kind = match start {
-            Start::Called(fut) => Kind::Called { fut },
-            Start::NotReady(svc, req) => Kind::Ready {
-                svc,
-                req: Some(req),
-            },
-            Start::Failed(err) => Kind::Failed { err: Some(err) },
-        };
         ResponseFuture {
             kind,
             guard: Some(guard),

@@ -5,13 +5,13 @@ use tower::Service;
 
 use super::ResponseFuture;
 use super::core::{Shared, Undo};
-use super::future::{Admission, Guard};
+use super::future::{Admission, Guard, Kind};
 use super::spare::Owner;
 use crate::classify::Classify;
 use crate::clock;
 use crate::completion::{AtResponse, Completion};
 use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
-use crate::upstream;
+use crate::upstream::{self, Readiness};
 
 /// A service behind a circuit breaker, made by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
@@ -91,14 +91,32 @@ where
                 // before it, it would be spilled and copied back (a store-forwarding stall
                 // that costs more than the rest of the call).
                 let undo = Undo::new(&self.shared, ticket);
-                let start = upstream::start(&mut self.inner, req);
-                undo.disarm();
-                ResponseFuture::admitted(
-                    start,
-                    Guard::new(&self.shared, ticket, started),
-                    self.classifier.clone(),
-                    self.completion.clone(),
-                )
+                // The inner future is built in the expression that places it (see
+                // `upstream::probe`); the guard is made after the inner call, the undo
+                // disarmed as it is.
+                macro_rules! admitted {
+                    ($kind:expr) => {
+                        ResponseFuture::admitted(
+                            $kind,
+                            {
+                                undo.disarm();
+                                Guard::new(&self.shared, ticket, started)
+                            },
+                            self.classifier.clone(),
+                            self.completion.clone(),
+                        )
+                    };
+                }
+                match upstream::probe(&mut self.inner) {
+                    Readiness::Now => admitted!(Kind::Called {
+                        fut: self.inner.call(req),
+                    }),
+                    Readiness::Later(svc) => admitted!(Kind::Ready {
+                        svc,
+                        req: Some(req),
+                    }),
+                    Readiness::Failed(err) => admitted!(Kind::Failed { err: Some(err) }),
+                }
             }
             Err(retry_after) => ResponseFuture::rejected(
                 reject(&self.shared, retry_after),

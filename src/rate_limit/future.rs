@@ -12,7 +12,6 @@ use tower::Service;
 use super::gcra::Cell;
 use super::layer::Core;
 use crate::error::{BoxError, BreakwaterError};
-use crate::upstream::Start;
 
 /// Where a waiter's reservation lives, to give it back.
 pub(super) enum WaiterCell {
@@ -155,19 +154,31 @@ impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
 }
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    /// An admitted call, [started](crate::upstream::start) in `call`.
-    #[inline]
-    pub(super) fn start(start: Start<S, Req, S::Future>) -> Self {
-        let state = match start {
-            Start::Called(fut) => State::Called { fut },
-            Start::NotReady(svc, req) => State::Ready {
+    /// An admitted call whose inner service was ready in `call`: its inner future.
+    #[inline(always)]
+    pub(super) fn called(fut: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Called { fut },
+        }
+    }
+
+    /// An admitted call whose inner service was not ready in `call`: the service, to be
+    /// driven to readiness.
+    pub(super) fn not_ready(svc: S, req: Req) -> Self {
+        ResponseFuture {
+            state: State::Ready {
                 svc,
                 req: Some(req),
             },
-            // Returned on the first poll, as a rejection is.
-            Start::Failed(err) => State::Rejected { err: Some(err) },
-        };
-        ResponseFuture { state }
+        }
+    }
+
+    /// An admitted call whose inner service failed its readiness in `call`: the error,
+    /// returned on the first poll as a rejection is.
+    pub(super) fn failed(err: BoxError) -> Self {
+        ResponseFuture {
+            state: State::Rejected { err: Some(err) },
+        }
     }
 
     pub(super) fn waiting(deadline: Instant, svc: S, req: Req, waiter: Waiter) -> Self {

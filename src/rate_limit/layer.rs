@@ -17,6 +17,7 @@ use crate::config::ConfigError;
 use crate::error::{BreakwaterError, ErrorKind, LayerKind};
 use crate::event::{EventKind, Events};
 use crate::snapshot::Snapshot;
+use crate::upstream::{self, Readiness};
 
 /// Metric handles of one limiter, registered at build time.
 #[derive(Debug)]
@@ -133,7 +134,13 @@ impl Core {
                 if let Some(h) = &self.metrics.wait {
                     h.record(0.0);
                 }
-                ResponseFuture::start(crate::upstream::start(svc, req))
+                // The inner future is built in the expression that places it (see
+                // `upstream::probe`).
+                match upstream::probe(svc) {
+                    Readiness::Now => ResponseFuture::called(svc.call(req)),
+                    Readiness::Later(svc) => ResponseFuture::not_ready(svc, req),
+                    Readiness::Failed(err) => ResponseFuture::failed(err),
+                }
             }
             Decision::Wait {
                 emission,

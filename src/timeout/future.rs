@@ -16,11 +16,10 @@ use crate::classify::Classify;
 use crate::clock::{self, Instant};
 use crate::completion::Completion;
 use crate::error::BoxError;
-use crate::upstream::Start;
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, Req, F> {
+    pub(super) enum State<S, Req, F> {
         // Waiting for the inner service to be ready; `req` is taken when it is.
         Ready { svc: S, req: Option<Req> },
         Called { #[pin] fut: F },
@@ -86,21 +85,14 @@ impl<S: Service<Req>, Req, C, M> fmt::Debug for ResponseFuture<S, Req, C, M> {
 }
 
 impl<S: Service<Req>, Req, C, M> ResponseFuture<S, Req, C, M> {
+    #[inline(always)]
     pub(super) fn new(
-        start: Start<S, Req, S::Future>,
+        state: State<S, Req, S::Future>,
         timeout: Duration,
         shared: Arc<Shared>,
         classifier: C,
         completion: M,
     ) -> Self {
-        let state = match start {
-            Start::Called(fut) => State::Called { fut },
-            Start::NotReady(svc, req) => State::Ready {
-                svc,
-                req: Some(req),
-            },
-            Start::Failed(err) => State::Failed { err: Some(err) },
-        };
         ResponseFuture {
             state,
             timer: Timer::Unarmed,

@@ -5,10 +5,12 @@ use tower::Service;
 
 use super::ResponseFuture;
 use super::completion::Deadline;
+use super::future::State;
 use super::layer::{Shared, TimeoutPolicy};
 use crate::classify::Classify;
 use crate::completion::Completion;
 use crate::error::BoxError;
+use crate::upstream::{self, Readiness};
 
 /// A service with a per-call deadline, made by [`TimeoutLayer`](super::TimeoutLayer).
 ///
@@ -89,12 +91,26 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let timeout = self.policy.timeout_for(&req, self.shared.timeout);
-        ResponseFuture::new(
-            crate::upstream::start(&mut self.inner, req),
-            timeout,
-            self.shared.clone(),
-            self.classifier.clone(),
-            self.completion.clone(),
-        )
+        let (shared, classifier, completion) = (&self.shared, &self.classifier, &self.completion);
+        let future = |state| {
+            ResponseFuture::new(
+                state,
+                timeout,
+                shared.clone(),
+                classifier.clone(),
+                completion.clone(),
+            )
+        };
+        // The inner future is built in the expression that places it (see `upstream::probe`).
+        match upstream::probe(&mut self.inner) {
+            Readiness::Now => future(State::Called {
+                fut: self.inner.call(req),
+            }),
+            Readiness::Later(svc) => future(State::Ready {
+                svc,
+                req: Some(req),
+            }),
+            Readiness::Failed(err) => future(State::Failed { err: Some(err) }),
+        }
     }
 }
