@@ -225,10 +225,12 @@
 //! no exit leaves the flag set.
 
 mod fill;
+mod instruments;
 mod layer;
 mod policy;
 mod service;
 mod store;
+mod xfetch;
 
 pub use layer::{
     CacheBuilder, CacheHandle, CacheLayer, DEFAULT_MAX_ENTRIES, DEFAULT_REFRESH_TIMEOUT, FetchError,

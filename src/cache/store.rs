@@ -1,196 +1,22 @@
-//! The bounded, sharded store of cached entries, the XFetch decision and the random source.
+//! The bounded, sharded store of cached entries.
 
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ::metrics::{Counter, Gauge, Histogram};
 use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use parking_lot::{RwLock, RwLockWriteGuard};
-use rand_xoshiro::SplitMix64;
-use rand_xoshiro::rand_core::{RngCore, SeedableRng};
 
 use crate::classify::{Classify, Outcome};
 use crate::clock::Instant;
 use crate::error::BoxError;
-use crate::event::{EventKind, Events};
 
-/// A function returning `u`, uniform in `(0.0, 1.0]`.
-pub(crate) type RandomFn = Arc<dyn Fn() -> f64 + Send + Sync>;
-
-/// The default random source: the SplitMix64 sequence (Steele, Lea, Flood, "Fast Splittable
-/// Pseudorandom Number Generators", OOPSLA 2014, as implemented by `rand_xoshiro`) of a seed,
-/// advanced with one atomic add per draw (no lock).
-pub(crate) fn splitmix(seed: u64) -> RandomFn {
-    const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
-    let state = AtomicU64::new(seed);
-    Arc::new(move || {
-        let s = state.fetch_add(GAMMA, Ordering::Relaxed);
-        let x = SplitMix64::seed_from_u64(s).next_u64();
-        // 53 random bits, shifted into (0, 1].
-        ((x >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
-    })
-}
-
-/// The largest `-ln(u)` over every positive `f64` `u` is 744.44 (`u` = 4.9e-324, the
-/// smallest subnormal), so with `r` left a read can refresh early only if
-/// `r <= 745 * beta * delta`.
-const MAX_MINUS_LN_U: f64 = 745.0;
-
-/// XFetch (Vattani, Chierichetti, Lowenstein, PVLDB 2015): whether a read at `now`, before
-/// `expiry`, refreshes early: `now - delta * beta * ln(u) >= expiry`.
-///
-/// `u` is drawn only when some `u` in `(0, 1]` can trigger a refresh
-/// (`r <= 745 * beta * delta`), so reads far from expiry cost no draw. A drawn `u` outside
-/// `(0, 1]` (zero, negative, NaN, above 1) counts as `u = 1`: no early refresh.
-#[inline]
-pub(crate) fn xfetch(
-    now: Instant,
-    expiry: Instant,
-    delta: Duration,
-    beta: f64,
-    random: &RandomFn,
-) -> bool {
-    if delta.is_zero() || now >= expiry {
-        return false;
-    }
-    let r = (expiry - now).as_secs_f64();
-    let scale = delta.as_secs_f64() * beta;
-    if r > scale * MAX_MINUS_LN_U {
-        return false;
-    }
-    let u = random();
-    if !(u > 0.0 && u <= 1.0) {
-        return false;
-    }
-    -scale * u.ln() >= r
-}
-
-/// The first instant at which a read of an entry stored at `stored`, expiring at `expiry`,
-/// with `delta`, can refresh early: `expiry - 746 * beta * delta` (one unit of
-/// `beta * delta` beyond [`xfetch`]'s bound, so float rounding never skips a read that could
-/// refresh); `expiry` when `delta` is zero. Reads before it skip XFetch entirely; reads after
-/// it run [`xfetch`], whose decision is exact.
-///
-/// Not clamped at `stored`: a read may come at an instant before the entry was stored (each
-/// paused tokio runtime has its own clock), and XFetch's condition holds for it too. When
-/// the subtraction leaves the clock's range, the window opens at the earliest instant found
-/// below `stored` (halving steps), before any read a clock can give in practice.
-fn window_start(stored: Instant, expiry: Instant, delta: Duration, beta: f64) -> Instant {
-    if delta.is_zero() {
-        return expiry;
-    }
-    let span = Duration::try_from_secs_f64(delta.as_secs_f64() * beta * (MAX_MINUS_LN_U + 1.0))
-        .unwrap_or(Duration::MAX);
-    expiry.checked_sub(span).unwrap_or_else(|| {
-        (0..64)
-            .rev()
-            .find_map(|s| stored.checked_sub(Duration::from_secs(1 << s)))
-            .unwrap_or(stored)
-    })
-}
-
-/// `at + d`, saturating at about 30 years after `at` (tokio's own "far future") instead of
-/// overflowing.
-pub(crate) fn later(at: Instant, d: Duration) -> Instant {
-    at.checked_add(d)
-        .or_else(|| at.checked_add(Duration::from_secs(86_400 * 365 * 30)))
-        .unwrap_or(at)
-}
-
-/// Metric handles, counts and listeners of one cache instance, registered at build time.
-#[derive(Debug)]
-pub(crate) struct Instruments {
-    pub(crate) name: Arc<str>,
-    /// By result: hit, miss, stale, negative.
-    pub(crate) lookups: [Counter; 4],
-    pub(crate) early: Counter,
-    pub(crate) errors: Counter,
-    pub(crate) entries: Gauge,
-    pub(crate) recompute: Option<Histogram>,
-    /// Upstream calls made by fetches, early refreshes and retries.
-    pub(crate) fetches: Counter,
-    /// Requests passed through uncached (key `None`).
-    pub(crate) passed: Counter,
-    pub(crate) events: Events,
-    /// Snapshot counts: hits, misses, stale, negative, early refreshes, refresh errors,
-    /// entries, fetches, passed through.
-    pub(crate) counts: [AtomicU64; 9],
-}
-
-pub(crate) const HIT: usize = 0;
-pub(crate) const MISS: usize = 1;
-pub(crate) const STALE: usize = 2;
-pub(crate) const NEGATIVE: usize = 3;
-pub(crate) const EARLY: usize = 4;
-pub(crate) const ERRORS: usize = 5;
-pub(crate) const ENTRIES: usize = 6;
-pub(crate) const FETCHES: usize = 7;
-pub(crate) const PASSED: usize = 8;
-
-/// How a fetch or refresh failed, for its event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Failure {
-    /// An error, or a response the classifier did not call a success: `RefreshFailed`.
-    Failed,
-    /// The upstream call (or the classifier, or the TTL or staleness function) panicked:
-    /// `Panicked`.
-    Panicked,
-    /// A refresh ran past its deadline: `TimedOut`.
-    TimedOut(Duration),
-}
-
-impl Instruments {
-    #[inline]
-    pub(crate) fn lookup(&self, result: usize) {
-        self.lookups[result].increment(1);
-        self.counts[result].fetch_add(1, Ordering::Relaxed);
-        if result == STALE {
-            self.events.emit(|| EventKind::StaleServed);
-        }
-    }
-
-    pub(crate) fn early_refresh(&self) {
-        self.early.increment(1);
-        self.counts[EARLY].fetch_add(1, Ordering::Relaxed);
-        self.events.emit(|| EventKind::EarlyRefresh);
-    }
-
-    fn refresh_failed(&self, how: Failure) {
-        self.errors.increment(1);
-        self.counts[ERRORS].fetch_add(1, Ordering::Relaxed);
-        self.events.emit(|| match how {
-            Failure::Failed => EventKind::RefreshFailed,
-            Failure::Panicked => EventKind::Panicked,
-            Failure::TimedOut(after) => EventKind::TimedOut { after },
-        });
-    }
-
-    /// An upstream call started (a fetch, an early refresh or a retry).
-    pub(crate) fn fetched(&self) {
-        self.fetches.increment(1);
-        self.counts[FETCHES].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A request passed through uncached.
-    #[inline]
-    pub(crate) fn passed(&self) {
-        self.passed.increment(1);
-        self.counts[PASSED].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn entries(&self, added: i64) {
-        if added >= 0 {
-            self.entries.increment(added as f64);
-            self.counts[ENTRIES].fetch_add(added as u64, Ordering::Relaxed);
-        } else {
-            self.entries.decrement((-added) as f64);
-            self.counts[ENTRIES].fetch_sub((-added) as u64, Ordering::Relaxed);
-        }
-    }
-}
+pub(crate) use super::instruments::{
+    EARLY, ENTRIES, ERRORS, FETCHES, Failure, HIT, Instruments, MISS, NEGATIVE, PASSED, STALE,
+};
+pub(crate) use super::xfetch::{RandomFn, later, splitmix, window_start, xfetch};
 
 /// How an early refresh runs; see the [module docs](crate::cache#modes).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -828,6 +654,3 @@ where
         self.shards.iter().map(|s| s.0.read().entries.len()).sum()
     }
 }
-
-#[cfg(test)]
-mod tests;
