@@ -132,6 +132,7 @@ impl Drop for Ticket {
 
 pin_project! {
     #[project = StateProj]
+    #[project_replace = StateReplace]
     enum State<F> {
         // Queued for a permit (until the ticket's deadline). The ticket is out of its place
         // only while a poll runs: found missing, that poll panicked.
@@ -374,8 +375,12 @@ where
                         Poll::Ready(result) => {
                             // Completed: drop the inner future, then return the permit now
                             // (or, with `WholeBody`, when the response's body ends), not
-                            // when the caller drops this future.
-                            this.state.set(State::Done);
+                            // when the caller drops this future. `project_replace` drops
+                            // the pinned future in place; what it returns for this variant
+                            // owns nothing, so forgetting it skips the enum's drop glue.
+                            let old = this.state.project_replace(State::Done);
+                            debug_assert!(matches!(old, StateReplace::Called { .. }));
+                            std::mem::forget(old);
                             Poll::Ready(match result {
                                 Ok(res) => Ok(this.completion.complete(res, permit)),
                                 Err(e) => {
