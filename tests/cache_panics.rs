@@ -221,18 +221,8 @@ fn panics_on(
 
 /// hits, misses, stale, negative, early refreshes, refresh errors, fetches; entries.
 fn counts(h: &CacheHandle) -> ([u64; 7], f64) {
-    let s = h.snapshot();
-    let c = [
-        "hits",
-        "misses",
-        "stale",
-        "negative",
-        "early_refreshes",
-        "refresh_errors",
-        "fetches",
-    ]
-    .map(|c| s.counter(c).expect("a cache counter"));
-    (c, s.gauge("entries").expect("the entries gauge"))
+    let entries = h.snapshot().gauge("entries").expect("the entries gauge");
+    (support::reads::counts(h), entries)
 }
 
 /// The error kind a failed read reports.

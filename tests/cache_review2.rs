@@ -7,7 +7,7 @@
 
 mod support;
 
-use support::reads::{cached, get};
+use support::reads::{cached, counts, get};
 
 use std::io;
 use std::sync::Arc;
@@ -77,21 +77,6 @@ impl Up {
             }
         })
     }
-}
-
-/// hits, misses, stale, negative, early refreshes, refresh errors, fetches.
-fn counts(h: &CacheHandle) -> [u64; 7] {
-    let s = h.snapshot();
-    [
-        "hits",
-        "misses",
-        "stale",
-        "negative",
-        "early_refreshes",
-        "refresh_errors",
-        "fetches",
-    ]
-    .map(|c| s.counter(c).expect("a cache counter"))
 }
 
 fn entries(h: &CacheHandle) -> f64 {

@@ -248,6 +248,23 @@ pub mod reads {
         svc.ready().await?.call(k).await
     }
 
+    /// A cache's counters: hits, misses, stale, negative, early refreshes, refresh errors,
+    /// fetches.
+    #[cfg(feature = "cache")]
+    pub fn counts(h: &tower_breakwater::cache::CacheHandle) -> [u64; 7] {
+        let s = h.snapshot();
+        [
+            "hits",
+            "misses",
+            "stale",
+            "negative",
+            "early_refreshes",
+            "refresh_errors",
+            "fetches",
+        ]
+        .map(|c| s.counter(c).expect("a cache counter"))
+    }
+
     /// A read that must be answered on its first poll (a hit, or a stale value served at
     /// once); panics otherwise.
     pub fn cached<S>(svc: &mut S, k: u64) -> u64
