@@ -63,8 +63,13 @@
 //! layer's service. A layer whose response future must wait before it may call the inner
 //! service at all (a queued bulkhead call, a wait-mode limiter, a coalesced leader) clones
 //! the inner service in `call` and drives that clone after its wait. Hence the `Clone`
-//! bound: a clone should be cheap (a client handle is usually one `Arc`). Each layer's docs
-//! state its `poll_ready` policy.
+//! bound: a clone should be cheap (a client handle is usually one `Arc`). A service whose
+//! readiness fails or panics is replaced by a clone and dropped (tower treats it as failed),
+//! so whatever it reserved is released. Since the inner service is called in `call`, an
+//! inner `call` that needs a runtime context needs it at the layer's `call`, and an inner
+//! service that sends its request in `call` sends it even if the response future is never
+//! polled (as with any tower middleware that calls its inner service in `call`). Each
+//! layer's docs state its `poll_ready` policy.
 //!
 //! # Shared state
 //!
@@ -91,7 +96,13 @@ pub mod event;
 pub mod metrics;
 pub mod registry;
 pub mod snapshot;
-#[cfg(feature = "coalesce")]
+#[cfg(any(
+    feature = "timeout",
+    feature = "circuit-breaker",
+    feature = "bulkhead",
+    feature = "rate-limit",
+    feature = "coalesce"
+))]
 mod upstream;
 
 #[cfg(feature = "bulkhead")]

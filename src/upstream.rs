@@ -12,6 +12,7 @@
 //! allowed by the `Future` and `Service` contracts: only the last waker must be woken.
 
 use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -46,6 +47,11 @@ pub(crate) enum Readiness<S> {
 /// Asks `svc` for readiness once, with a no-op waker; when it is not ready, replaces it by a
 /// clone and hands the original back (see the [module docs](self)).
 ///
+/// A service whose readiness failed or panicked is replaced by a clone too, and dropped (a
+/// panic then resumes): whatever it holds, such as a permit of a `ConcurrencyLimit` taken
+/// before its own inner service failed, is released, as it was when each call drove a clone
+/// of its own; tower treats such a service as failed.
+///
 /// The caller then builds its response future around `svc.call(req)` in one expression, so
 /// that the inner future is written where it lives: moved through an intermediate value,
 /// it would be copied once more per layer, and a stack of layers copies every nested
@@ -56,10 +62,20 @@ where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
 {
-    match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(Ok(())) => Readiness::Now,
-        Poll::Ready(Err(e)) => Readiness::Failed(e.into()),
-        Poll::Pending => Readiness::Later(take(svc)),
+    let polled = panic::catch_unwind(AssertUnwindSafe(|| {
+        svc.poll_ready(&mut Context::from_waker(Waker::noop()))
+    }));
+    match polled {
+        Ok(Poll::Ready(Ok(()))) => Readiness::Now,
+        Ok(Poll::Ready(Err(e))) => {
+            drop(take(svc));
+            Readiness::Failed(e.into())
+        }
+        Ok(Poll::Pending) => Readiness::Later(take(svc)),
+        Err(payload) => {
+            drop(take(svc));
+            panic::resume_unwind(payload)
+        }
     }
 }
 
@@ -105,6 +121,7 @@ impl<S: Service<Req>, Req> Upstream<S, Req> {
     }
 
     /// A call to `svc`, made at once when it is ready (see [`probe`]).
+    #[cfg_attr(not(feature = "coalesce"), allow(dead_code))]
     #[inline]
     pub(crate) fn start(svc: &mut S, req: Req) -> Self
     where

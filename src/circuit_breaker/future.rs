@@ -28,14 +28,22 @@ pub(super) struct Guard {
 
 impl Guard {
     /// Takes a reference to `shared` (from the thread's spare cache when it has one).
-    /// `started`: when the call started, for a breaker that measures durations.
     #[inline]
-    pub(super) fn new(shared: &Arc<Shared>, ticket: Ticket, started: Option<Instant>) -> Guard {
+    pub(super) fn new(shared: &Arc<Shared>, ticket: Ticket) -> Guard {
         Guard {
             shared: Some(super::spare::acquire(shared)),
             ticket,
-            started,
+            started: None,
             armed: true,
+        }
+    }
+
+    /// Starts the call's clock at the response future's first poll, for a breaker that
+    /// measures durations: time before the caller polls is not the dependency's.
+    #[inline]
+    fn start(&mut self) {
+        if self.started.is_none() && self.shared().timed {
+            self.started = Some(clock::now());
         }
     }
 
@@ -206,6 +214,9 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        if let Some(g) = this.guard.as_mut() {
+            g.start();
+        }
         let result = loop {
             match this.kind.as_mut().project() {
                 KindProj::Ready { svc, req } => match svc.poll_ready(cx) {

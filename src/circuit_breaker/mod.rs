@@ -189,7 +189,7 @@
 //! (`parking_lot`), never held across an `.await`, the classifier or an event listener
 //! (only the metrics recorder's handles are updated under it). The time-based window reads
 //! the clock and takes the mutex for every outcome (its buckets move with time); slow-call
-//! detection reads the clock in `call` and at the end of each call. The Open path
+//! detection reads the clock at the first poll and at the end of each call. The Open path
 //! reads the clock (for the time left) and allocates its boxed error (the crate's one
 //! allocation per error); it takes the lock only once the wait has passed.
 //!

@@ -8,7 +8,6 @@ use super::core::{Shared, Undo};
 use super::future::{Admission, Guard, Kind};
 use super::spare::Owner;
 use crate::classify::Classify;
-use crate::clock;
 use crate::completion::{AtResponse, Completion};
 use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
 use crate::upstream::{self, Readiness};
@@ -85,7 +84,6 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         match self.shared.admit() {
             Ok(ticket) => {
-                let started = self.shared.timed.then(clock::now);
                 // A panic of the inner service in `call` frees the admission. The guard is
                 // made after the inner call, straight into the response future: built
                 // before it, it would be spilled and copied back (a store-forwarding stall
@@ -100,7 +98,7 @@ where
                             $kind,
                             {
                                 undo.disarm();
-                                Guard::new(&self.shared, ticket, started)
+                                Guard::new(&self.shared, ticket)
                             },
                             self.classifier.clone(),
                             self.completion.clone(),
