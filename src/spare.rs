@@ -11,7 +11,11 @@
 //! call parks its reference in a small per-thread cache, and the next call on that thread
 //! takes it back: in the steady state no atomic is written at all. Misses (a first call, a
 //! future finished on another thread) fall back to an ordinary clone; a full cache drops the
-//! reference as usual.
+//! reference as usual (so a thread calling more than [`SLOTS`] layers of one kind in turn
+//! keeps spares of some and clones for the others). The look-up and the parking run about 50
+//! instructions per call more than the clone and drop they replace (counted with callgrind),
+//! but no locked instruction and no write to a line other threads share: the atomics' latency
+//! and cross-thread contention are what instruction counts do not show.
 //!
 //! A spare reference must not keep a dropped layer's state alive. Layers, services and
 //! handles own the state through an [`Owner`]; when the last of them is dropped, the state is
@@ -44,9 +48,10 @@
 //! A call's holder (the breaker's guard, the timeout's response future and
 //! [`Deadline`](crate::timeout::Deadline), the bulkhead's [`Permit`](crate::bulkhead::Permit)
 //! and queue ticket) keeps an `Option<Arc<T>>` and gives it back with [`release`] in its own
-//! `Drop`, rather than through an RAII wrapper type: the wrapper's drop glue is a function of
-//! its own that the compiler does not inline into the holder's, which measured 11 to 20
-//! instructions more per call.
+//! `Drop` (a timeout response future dropped unfinished drops its reference as a plain `Arc`),
+//! rather than through an RAII wrapper type: the wrapper's drop glue is a function of its own
+//! that the compiler does not inline into the holder's, which measured 11 to 26 instructions
+//! more per call.
 
 use std::cell::Cell;
 use std::ops::Deref;
