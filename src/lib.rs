@@ -96,6 +96,8 @@ pub mod event;
 pub mod metrics;
 pub mod registry;
 pub mod snapshot;
+#[cfg(any(feature = "timeout", feature = "bulkhead", feature = "circuit-breaker"))]
+mod spare;
 #[cfg(any(
     feature = "timeout",
     feature = "circuit-breaker",

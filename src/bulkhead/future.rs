@@ -12,19 +12,21 @@ use super::layer::Shared;
 use crate::clock::{self, Instant};
 use crate::completion::{AtResponse, CallEnd, Completion, End, sealed};
 use crate::error::{BoxError, BreakwaterError};
+use crate::spare;
 
 /// One held bulkhead permit, returned when dropped (RAII), exactly once. With
 /// [`whole_body`](super::BulkheadBuilder::whole_body) it is held inside the response's
 /// [`BulkheadBody`](super::BulkheadBody) until the body ends, fails or is dropped. Not
 /// constructible outside the crate.
 pub struct Permit {
-    shared: Arc<Shared>,
+    /// `Some` until dropped, then given back to the thread's spare cache (see `spare`).
+    shared: Option<Arc<Shared>>,
 }
 
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("bulkhead", &self.shared.name)
+            .field("bulkhead", &self.shared.as_ref().map(|s| &s.name))
             .finish()
     }
 }
@@ -41,21 +43,27 @@ impl Permit {
     /// Wraps a permit that was just taken from `shared`.
     #[inline]
     pub(super) fn new(shared: Arc<Shared>) -> Self {
-        Permit { shared }
+        Permit {
+            shared: Some(shared),
+        }
     }
 }
 
 impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
-        self.shared.release();
+        if let Some(shared) = self.shared.take() {
+            shared.release();
+            spare::release(shared);
+        }
     }
 }
 
 /// A place in the waiters' queue. Dropping a live ticket withdraws it, returning a permit
 /// that was handed to it in the meantime.
 pub(super) struct Ticket {
-    shared: Arc<Shared>,
+    /// `Some` until dropped, then given back to the thread's spare cache (see `spare`).
+    shared: Option<Arc<Shared>>,
     slot: usize,
     queued_at: Instant,
     live: bool,
@@ -64,22 +72,27 @@ pub(super) struct Ticket {
 impl Ticket {
     pub(super) fn new(shared: Arc<Shared>, slot: usize, queued_at: Instant) -> Self {
         Ticket {
-            shared,
+            shared: Some(shared),
             slot,
             queued_at,
             live: true,
         }
     }
 
+    #[inline]
+    fn shared(&self) -> &Arc<Shared> {
+        self.shared.as_ref().expect("present until dropped")
+    }
+
     /// When the maximum wait ends; `None` when it does not fit in an `Instant` (no limit).
     fn deadline(&self) -> Option<Instant> {
-        let max_wait = self.shared.max_wait?;
+        let max_wait = self.shared().max_wait?;
         self.queued_at.checked_add(max_wait)
     }
 
     /// Records the time spent in the queue (when the histogram is on).
     fn record_wait(&self) {
-        if let Some(h) = &self.shared.metrics.wait {
+        if let Some(h) = &self.shared().metrics.wait {
             let waited = clock::now().saturating_duration_since(self.queued_at);
             h.record(waited.as_secs_f64());
         }
@@ -87,14 +100,14 @@ impl Ticket {
 
     /// The permit, if one was handed over; otherwise registers the waker.
     fn poll(&mut self, cx: &mut Context<'_>) -> Option<Permit> {
-        if !self.shared.sem.poll_slot(self.slot, cx.waker()) {
+        if !self.shared().sem.poll_slot(self.slot, cx.waker()) {
             return None;
         }
         // Owned by an RAII value before any other code runs.
         self.live = false;
-        let permit = Permit::new(self.shared.clone());
+        let permit = Permit::new(spare::acquire(self.shared()));
         self.record_wait();
-        self.shared.on_granted();
+        self.shared().on_granted();
         Some(permit)
     }
 
@@ -102,16 +115,16 @@ impl Ticket {
     /// kept (the call goes ahead); otherwise the call is rejected.
     fn give_up(&mut self) -> Result<Permit, BreakwaterError> {
         self.live = false;
-        if self.shared.sem.withdraw(self.slot) {
+        if self.shared().sem.withdraw(self.slot) {
             // Owned by an RAII value before any other code runs.
-            let permit = Permit::new(self.shared.clone());
+            let permit = Permit::new(spare::acquire(self.shared()));
             self.record_wait();
-            self.shared.on_granted();
+            self.shared().on_granted();
             return Ok(permit);
         }
-        self.shared.publish_waiting();
+        self.shared().publish_waiting();
         self.record_wait();
-        Err(self.shared.reject())
+        Err(self.shared().reject())
     }
 }
 
@@ -119,13 +132,16 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if self.live {
             self.live = false;
-            if self.shared.sem.withdraw(self.slot) {
+            if self.shared().sem.withdraw(self.slot) {
                 // Handed a permit nobody will use: return it at once.
-                drop(Permit::new(self.shared.clone()));
+                drop(Permit::new(spare::acquire(self.shared())));
             } else {
-                self.shared.publish_waiting();
+                self.shared().publish_waiting();
             }
             self.record_wait();
+        }
+        if let Some(shared) = self.shared.take() {
+            spare::release(shared);
         }
     }
 }

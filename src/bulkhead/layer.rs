@@ -1,6 +1,6 @@
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram};
@@ -18,6 +18,7 @@ use crate::error::{BreakwaterError, ErrorKind, LayerKind};
 use crate::event::{EventKind, Events};
 use crate::metrics::names;
 use crate::snapshot::Snapshot;
+use crate::spare::{self, Owner};
 
 /// Metric handles of one bulkhead instance, registered at build time.
 #[derive(Debug)]
@@ -41,7 +42,9 @@ pub(super) enum Admission {
     Rejected(BreakwaterError),
 }
 
-/// State shared by a layer, its services and their futures.
+/// State shared by a layer, its services and their futures. Layers, services and handles
+/// hold it through an [`Owner`]; permits and queued calls hold the `Arc` inside, from the
+/// thread's spare cache (see [`spare`](crate::spare)).
 #[derive(Debug)]
 pub(super) struct Shared {
     pub(super) name: Arc<str>,
@@ -53,7 +56,11 @@ pub(super) struct Shared {
     pub(super) metrics: BulkheadMetrics,
     pub(super) events: Events,
     rejected: AtomicU64,
+    /// Set when the last layer, service and handle is dropped.
+    closed: AtomicBool,
 }
+
+crate::spare::impl_spare!(Shared, closed);
 
 impl Shared {
     /// Admits a call (`call` time): a free permit, else the queue, else a rejection.
@@ -63,7 +70,7 @@ impl Shared {
     #[inline(always)]
     pub(super) fn admit(self: &Arc<Self>) -> Admission {
         if self.sem.try_acquire() {
-            let permit = Permit::new(self.clone());
+            let permit = Permit::new(spare::acquire(self));
             self.on_acquired();
             return Admission::Admitted(permit);
         }
@@ -76,12 +83,12 @@ impl Shared {
         if self.max_wait.is_some() {
             match self.sem.acquire_or_enqueue(self.max_waiting) {
                 Enqueue::Acquired => {
-                    let permit = Permit::new(self.clone());
+                    let permit = Permit::new(spare::acquire(self));
                     self.on_acquired();
                     return Admission::Admitted(permit);
                 }
                 Enqueue::Queued(slot) => {
-                    let ticket = Ticket::new(self.clone(), slot, clock::now());
+                    let ticket = Ticket::new(spare::acquire(self), slot, clock::now());
                     self.publish_waiting();
                     return Admission::Queued(ticket);
                 }
@@ -304,8 +311,11 @@ impl<M> BulkheadBuilder<M> {
             metrics,
             events: self.common.events(LayerKind::Bulkhead),
             rejected: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         };
-        let shared = Arc::new(shared);
+        // The registry holds the owners' share weakly: a bulkhead whose layers, services and
+        // handles are all dropped leaves it, whatever permits or spare references remain.
+        let shared = Arc::new(Owner::new(shared));
         let weak = Arc::downgrade(&shared);
         self.common.register_fn(move || {
             Some(
@@ -329,7 +339,7 @@ impl<M> BulkheadBuilder<M> {
 /// bulkhead.
 #[derive(Debug, Clone)]
 pub struct BulkheadLayer<M = AtResponse> {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<Owner<Shared>>,
     completion: M,
 }
 
@@ -377,7 +387,7 @@ impl<S, M: Clone> Layer<S> for BulkheadLayer<M> {
 /// are exact at the moment of reading.
 #[derive(Clone)]
 pub struct BulkheadHandle {
-    shared: Arc<Shared>,
+    shared: Arc<Owner<Shared>>,
 }
 
 impl fmt::Debug for BulkheadHandle {

@@ -87,8 +87,8 @@
 //! # Cost
 //!
 //! A call that finds a permit free takes no lock, reads no clock and allocates nothing: one
-//! compare-and-swap on the permit word in `call`, one when the permit is returned, and the
-//! reference count of the shared state. A queued call takes the queue's mutex once to
+//! compare-and-swap on the permit word in `call`, one when the permit is returned, and no
+//! reference-count write (see below). A queued call takes the queue's mutex once to
 //! queue, at most twice per poll while it waits and once more to leave the queue early,
 //! and reads the clock once; its queue slot is reused from a free list, so a steady queue
 //! allocates no slots (the slot vector grows only when the queue is longer than ever
@@ -160,6 +160,15 @@
 //! A `BulkheadLayer` value owns its bulkhead: every service it produces, and every clone of
 //! those, draws on the same permits. A framework that calls `layer()` per route or per
 //! connection still gets one bulkhead. Build separate layers for separate dependencies.
+//!
+//! Each call's [`Permit`] (held inside the body with [`whole_body`](BulkheadBuilder::whole_body))
+//! and queued call owns a reference to the state, taken from and given back to a small per-thread
+//! cache of spare references (as the circuit breaker's): in the steady state a call writes no
+//! reference count. A spare does not keep a dropped bulkhead alive: once its last layer, service
+//! and handle is dropped, the state (its event listeners and metric handles) is freed when its last
+//! call in flight ends, except that a spare parked earlier on another thread lasts until that
+//! thread finishes a call through any bulkhead (or exits). Registries hold the layer's share weakly
+//! and drop it with the last layer, service and handle.
 
 mod future;
 mod layer;

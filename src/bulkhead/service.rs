@@ -7,6 +7,7 @@ use super::layer::{Admission, Shared};
 use super::{Permit, ResponseFuture};
 use crate::completion::{AtResponse, Completion};
 use crate::error::BoxError;
+use crate::spare::Owner;
 use crate::upstream::{self, Readiness};
 
 /// A service whose calls are limited by a bulkhead, made by
@@ -19,7 +20,7 @@ use crate::upstream::{self, Readiness};
 #[derive(Debug)]
 pub struct Bulkhead<S, M = AtResponse> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<Owner<Shared>>,
     completion: M,
 }
 
@@ -34,7 +35,7 @@ impl<S: Clone, M: Clone> Clone for Bulkhead<S, M> {
 }
 
 impl<S, M> Bulkhead<S, M> {
-    pub(super) fn new(inner: S, shared: Arc<Shared>, completion: M) -> Self {
+    pub(super) fn new(inner: S, shared: Arc<Owner<Shared>>, completion: M) -> Self {
         Bulkhead {
             inner,
             shared,

@@ -165,7 +165,7 @@ struct HotLine {
     /// State, generation and clean bit ([`Hot`]).
     word: AtomicU64,
     /// Set when the last layer, service and handle is dropped: a spare reference parked in a
-    /// thread's cache is then garbage (see [`spare`](super::spare)).
+    /// thread's cache is then garbage (see [`spare`](crate::spare)).
     closed: AtomicBool,
 }
 
@@ -186,6 +186,8 @@ pub(super) struct Shared {
     /// Calls need a start time (slow-call detection or duration histograms).
     pub(super) timed: bool,
 }
+
+crate::spare::impl_spare!(Shared, hot.closed);
 
 impl Shared {
     pub(super) fn new(
@@ -227,17 +229,6 @@ impl Shared {
             rejected: AtomicU64::new(0),
             timed,
         }
-    }
-
-    /// Marks the breaker as owned by nothing but calls in flight and spare references.
-    pub(super) fn close(&self) {
-        self.hot.closed.store(true, Ordering::Relaxed);
-    }
-
-    /// `true` once the last layer, service and handle is dropped.
-    #[inline]
-    pub(super) fn is_closed(&self) -> bool {
-        self.hot.closed.load(Ordering::Relaxed)
     }
 
     // ---- per call -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ use crate::error::BoxError;
 /// frees the call's half-open probe slot at once, and records a slow call where the call
 /// already ran longer than the slow-call duration.
 pub(super) struct Guard {
-    /// `Some` until dropped; see [`spare`](super::spare).
+    /// `Some` until dropped; see [`spare`](crate::spare).
     shared: Option<Arc<Shared>>,
     ticket: Ticket,
     started: Option<Instant>,
@@ -31,7 +31,7 @@ impl Guard {
     #[inline]
     pub(super) fn new(shared: &Arc<Shared>, ticket: Ticket) -> Guard {
         Guard {
-            shared: Some(super::spare::acquire(shared)),
+            shared: Some(crate::spare::acquire(shared)),
             ticket,
             started: None,
             armed: true,
@@ -77,7 +77,7 @@ impl Drop for Guard {
             self.shared().cancel(self.ticket, elapsed);
         }
         if let Some(shared) = self.shared.take() {
-            super::spare::release(shared);
+            crate::spare::release(shared);
         }
     }
 }

@@ -5,7 +5,6 @@ use tower::Layer;
 
 use super::core::{Config, Now, Shared};
 use super::metrics::Metrics;
-use super::spare::Owner;
 use super::window::{CountWindow, TimeWindow, Window};
 use super::{CircuitBreaker, State};
 use crate::classify::{DefaultClassifier, ReadsRetryAfter};
@@ -16,6 +15,7 @@ use crate::completion::WholeBody;
 use crate::config::{Common, ConfigError, common_builder_methods};
 use crate::error::LayerKind;
 use crate::snapshot::Snapshot;
+use crate::spare::Owner;
 
 /// The largest count-based window, and the most buckets of a time-based one.
 const MAX_WINDOW: u64 = 1 << 20;
@@ -406,7 +406,7 @@ impl<C, M> CircuitBreakerBuilder<C, M> {
 /// Cheap to clone (one `Arc`); every clone, and every service it makes, shares one breaker.
 #[derive(Debug)]
 pub struct CircuitBreakerLayer<C = DefaultClassifier, M = AtResponse> {
-    shared: Arc<Owner>,
+    shared: Arc<Owner<Shared>>,
     classifier: C,
     completion: M,
 }
@@ -455,7 +455,7 @@ impl<S, C: Clone, M: Clone> Layer<S> for CircuitBreakerLayer<C, M> {
 /// released, so a listener may call the handle).
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerHandle {
-    shared: Arc<Owner>,
+    shared: Arc<Owner<Shared>>,
 }
 
 impl CircuitBreakerHandle {
@@ -504,7 +504,7 @@ impl CircuitBreakerHandle {
 
 /// The registry holds the owners' share weakly: a breaker whose layers, services and handles
 /// are all dropped leaves it, whatever calls in flight or spare references remain.
-impl crate::registry::SnapshotSource for Owner {
+impl crate::registry::SnapshotSource for Owner<Shared> {
     fn snapshot(&self) -> Snapshot {
         Shared::snapshot(self, &mut Now::lazy())
     }

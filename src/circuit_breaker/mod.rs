@@ -179,7 +179,7 @@
 //! its last layer, service and handle is dropped, the spare on that thread is dropped at
 //! once, a call finishing later drops its reference instead of caching it, and every other
 //! thread drops its spares of dropped breakers at its next finished call (a call loads a
-//! process-wide count of dropped breakers, written only when one is dropped, and sweeps its
+//! process-wide count of dropped layers, written only when one is dropped, and sweeps its
 //! cache only when the count changed); registries ignore spares. So a breaker's state, and
 //! its event listeners, are freed as soon as its last owner or call in flight is dropped,
 //! except that a spare parked earlier on another thread, which has been idle since, lasts
@@ -246,7 +246,6 @@ mod layer;
 mod loom;
 mod metrics;
 mod service;
-mod spare;
 mod state;
 mod sync;
 mod window;

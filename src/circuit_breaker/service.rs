@@ -6,10 +6,10 @@ use tower::Service;
 use super::ResponseFuture;
 use super::core::{Shared, Undo};
 use super::future::{Admission, Guard, Kind};
-use super::spare::Owner;
 use crate::classify::Classify;
 use crate::completion::{AtResponse, Completion};
 use crate::error::{BoxError, BreakwaterError, ErrorKind, LayerKind};
+use crate::spare::Owner;
 use crate::upstream::{self, Readiness};
 
 /// A service behind a circuit breaker, made by
@@ -22,7 +22,7 @@ use crate::upstream::{self, Readiness};
 #[derive(Debug)]
 pub struct CircuitBreaker<S, C, M = AtResponse> {
     inner: S,
-    shared: Arc<Owner>,
+    shared: Arc<Owner<Shared>>,
     classifier: C,
     completion: M,
 }
@@ -39,7 +39,7 @@ impl<S: Clone, C: Clone, M: Clone> Clone for CircuitBreaker<S, C, M> {
 }
 
 impl<S, C, M> CircuitBreaker<S, C, M> {
-    pub(super) fn new(inner: S, shared: Arc<Owner>, classifier: C, completion: M) -> Self {
+    pub(super) fn new(inner: S, shared: Arc<Owner<Shared>>, classifier: C, completion: M) -> Self {
         CircuitBreaker {
             inner,
             shared,

@@ -14,6 +14,7 @@ use super::layer::{FAILED, Shared};
 use crate::clock::{self, Instant};
 use crate::completion::{CallEnd, End, sealed};
 use crate::error::BoxError;
+use crate::spare;
 
 /// The timeout's hold on one call whose response has arrived: the outcome it was classified
 /// with and, when the call ends after the response ([`WholeBody`](crate::completion::WholeBody)),
@@ -27,7 +28,8 @@ use crate::error::BoxError;
 /// [`Timeout`](crate::error::ErrorKind::Timeout)). The deadline's timer (one boxed
 /// `tokio::time::Sleep`) is allocated the first time the body returns `Pending`.
 pub struct Deadline {
-    shared: Arc<Shared>,
+    /// `Some` until dropped, then given back to the thread's spare cache (see `spare`).
+    shared: Option<Arc<Shared>>,
     outcome: usize,
     started: Option<Instant>,
     timeout: Duration,
@@ -38,7 +40,7 @@ pub struct Deadline {
 impl fmt::Debug for Deadline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Deadline")
-            .field("name", &self.shared.name)
+            .field("name", &self.shared().name)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -53,7 +55,7 @@ impl Deadline {
         timeout: Duration,
     ) -> Self {
         Deadline {
-            shared,
+            shared: Some(shared),
             outcome,
             started,
             timeout,
@@ -61,12 +63,26 @@ impl Deadline {
         }
     }
 
+    #[inline]
+    fn shared(&self) -> &Shared {
+        self.shared.as_ref().expect("present until dropped")
+    }
+
     /// Time since the start, when durations are recorded.
     #[inline]
     fn elapsed(&self) -> Option<Duration> {
         self.started
-            .filter(|_| self.shared.records_durations())
+            .filter(|_| self.shared().records_durations())
             .map(|s| clock::now().saturating_duration_since(s))
+    }
+}
+
+impl Drop for Deadline {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            spare::release(shared);
+        }
     }
 }
 
@@ -79,7 +95,7 @@ impl CallEnd for Deadline {
             End::BodyError => FAILED,
             End::Response | End::EndOfStream | End::Dropped => self.outcome,
         };
-        self.shared.record(outcome, self.elapsed());
+        self.shared().record(outcome, self.elapsed());
     }
 
     fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<BoxError> {
@@ -90,7 +106,7 @@ impl CallEnd for Deadline {
             .sleep
             .get_or_insert_with(|| Box::pin(unconstrained(tokio::time::sleep_until(deadline))));
         ready!(sleep.as_mut().poll(cx));
-        Poll::Ready(self.shared.timed_out(self.timeout, self.elapsed()))
+        Poll::Ready(self.shared().timed_out(self.timeout, self.elapsed()))
     }
 
     #[inline]
@@ -101,9 +117,9 @@ impl CallEnd for Deadline {
             return None;
         }
         let elapsed = self
-            .shared
+            .shared()
             .records_durations()
             .then(|| now.saturating_duration_since(started));
-        Some(self.shared.timed_out(self.timeout, elapsed))
+        Some(self.shared().timed_out(self.timeout, elapsed))
     }
 }

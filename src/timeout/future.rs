@@ -16,6 +16,7 @@ use crate::classify::Classify;
 use crate::clock::{self, Instant};
 use crate::completion::Completion;
 use crate::error::BoxError;
+use crate::spare;
 
 pin_project! {
     #[project = StateProj]
@@ -68,7 +69,9 @@ pin_project! {
         deadline: Option<Instant>,
         // First poll, when durations are recorded.
         started: Option<Instant>,
-        // Moved into the response's `Deadline` when the inner call returns a response.
+        // From the thread's spare cache (see `spare`); moved into the response's `Deadline`
+        // when the inner call returns a response, else given back to the cache when the
+        // call ends (dropped as a plain `Arc` when the future is dropped unfinished).
         shared: Option<Arc<Shared>>,
         classifier: C,
         completion: M,
@@ -163,6 +166,7 @@ where
                         .filter(|_| shared.records_durations())
                         .map(|s| clock::now().saturating_duration_since(s));
                     shared.record(outcome, elapsed);
+                    spare::release(shared);
                     Err(e)
                 }
             });
@@ -197,7 +201,9 @@ where
                 .started
                 .filter(|_| shared.records_durations())
                 .map(|s| clock::now().saturating_duration_since(s));
-            return Poll::Ready(Err(shared.timed_out(*this.timeout, elapsed)));
+            let err = shared.timed_out(*this.timeout, elapsed);
+            spare::release(shared);
+            return Poll::Ready(Err(err));
         }
         Poll::Pending
     }

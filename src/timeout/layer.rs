@@ -1,6 +1,6 @@
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ::metrics::{Counter, Histogram};
@@ -17,6 +17,7 @@ use crate::event::{EventKind, Events};
 use crate::metrics::names;
 use crate::registry::SnapshotSource;
 use crate::snapshot::Snapshot;
+use crate::spare::Owner;
 
 /// How a [`Timeout`] picks the deadline of a request.
 pub trait TimeoutPolicy<Req>: Clone {
@@ -77,7 +78,9 @@ pub(super) fn outcome_index(o: Outcome) -> usize {
     }
 }
 
-/// State shared by a layer, its services and their futures.
+/// State shared by a layer, its services and their futures. Layers, services and handles
+/// hold it through an [`Owner`]; calls through a [`Ref`](crate::spare::Ref) (see
+/// [`spare`](crate::spare)).
 #[derive(Debug)]
 pub(super) struct Shared {
     pub(super) name: Arc<str>,
@@ -85,7 +88,11 @@ pub(super) struct Shared {
     pub(super) metrics: TimeoutMetrics,
     pub(super) events: Events,
     timeouts: AtomicU64,
+    /// Set when the last layer, service and handle is dropped.
+    closed: AtomicBool,
 }
+
+crate::spare::impl_spare!(Shared, closed);
 
 impl Shared {
     /// `true` when every call's duration is measured.
@@ -222,8 +229,9 @@ impl<P, C, M> TimeoutBuilder<P, C, M> {
             metrics: TimeoutMetrics { calls, durations },
             events: self.common.events(LayerKind::Timeout),
             timeouts: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         };
-        let shared = Arc::new(shared);
+        let shared = Arc::new(Owner::new(shared));
         self.common.register(&shared);
         Ok(TimeoutLayer {
             shared,
@@ -239,7 +247,7 @@ impl<P, C, M> TimeoutBuilder<P, C, M> {
 /// Cheap to clone (one `Arc`); every clone, and every service it makes, shares one state.
 #[derive(Debug)]
 pub struct TimeoutLayer<P = FixedTimeout, C = DefaultClassifier, M = AtResponse> {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<Owner<Shared>>,
     policy: P,
     classifier: C,
     completion: M,
@@ -299,7 +307,7 @@ impl<S, P: Clone, C: Clone, M: Clone> Layer<S> for TimeoutLayer<P, C, M> {
 /// A handle to one timeout instance, for snapshots. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct TimeoutHandle {
-    shared: Arc<Shared>,
+    shared: Arc<Owner<Shared>>,
 }
 
 impl TimeoutHandle {
@@ -320,7 +328,9 @@ impl TimeoutHandle {
     }
 }
 
-impl SnapshotSource for Shared {
+/// The registry holds the owners' share weakly: a timeout whose layers, services and handles
+/// are all dropped leaves it, whatever calls in flight or spare references remain.
+impl SnapshotSource for Owner<Shared> {
     fn snapshot(&self) -> Snapshot {
         Snapshot::new(LayerKind::Timeout, &self.name)
             .with_counter("timeouts", self.timeouts.load(Ordering::Relaxed))

@@ -104,6 +104,15 @@
 //! A `TimeoutLayer` value owns its state: every service it produces, and every clone of
 //! those, count into the same handle and metric handles. A framework that calls `layer()`
 //! per route still gets one instance.
+//!
+//! Each call's response future (then its [`Deadline`], held inside the body with
+//! [`whole_body`](TimeoutBuilder::whole_body)) owns a reference to the state, taken from and given
+//! back to a small per-thread cache of spare references (as the circuit breaker's): in the steady
+//! state a call writes no reference count. A spare does not keep a dropped timeout alive: once its
+//! last layer, service and handle is dropped, the state (its event listeners and metric handles) is
+//! freed when its last call in flight ends, except that a spare parked earlier on another thread
+//! lasts until that thread finishes a call through any timeout (or exits). Registries hold the
+//! layer's share weakly and drop it with the last layer, service and handle.
 
 mod completion;
 mod future;

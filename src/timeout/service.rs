@@ -10,6 +10,7 @@ use super::layer::{Shared, TimeoutPolicy};
 use crate::classify::Classify;
 use crate::completion::Completion;
 use crate::error::BoxError;
+use crate::spare::{self, Owner};
 use crate::upstream::{self, Readiness};
 
 /// A service with a per-call deadline, made by [`TimeoutLayer`](super::TimeoutLayer).
@@ -20,7 +21,7 @@ use crate::upstream::{self, Readiness};
 #[derive(Debug)]
 pub struct Timeout<S, P, C, M> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<Owner<Shared>>,
     policy: P,
     classifier: C,
     completion: M,
@@ -41,7 +42,7 @@ impl<S: Clone, P: Clone, C: Clone, M: Clone> Clone for Timeout<S, P, C, M> {
 impl<S, P, C, M> Timeout<S, P, C, M> {
     pub(super) fn new(
         inner: S,
-        shared: Arc<Shared>,
+        shared: Arc<Owner<Shared>>,
         policy: P,
         classifier: C,
         completion: M,
@@ -96,7 +97,7 @@ where
             ResponseFuture::new(
                 state,
                 timeout,
-                shared.clone(),
+                spare::acquire(shared),
                 classifier.clone(),
                 completion.clone(),
             )
