@@ -103,7 +103,7 @@ enum Fails {
 /// then a call on `b` must go through: the only thing between them is the one inner
 /// permit, which a failed call must not keep. The layer kept the failed inner instance
 /// (permit inside) in `a`, where the old design dropped it with the call's clone.
-async fn a_readiness_failure_must_not_keep_inner_capacity<L>(layer: L, how: Fails)
+async fn a_readiness_failure_keeps_no_inner_capacity<L>(layer: L, how: Fails)
 where
     L: Layer<ConcurrencyLimit<Flaky>>,
     L::Service: Service<u32, Response = u32, Error = BoxError> + Clone,
@@ -139,8 +139,8 @@ where
 }
 
 #[tokio::test(start_paused = true)]
-async fn timeout_readiness_error_keeps_the_inner_permit() {
-    a_readiness_failure_must_not_keep_inner_capacity(
+async fn timeout_readiness_error_releases_the_inner_permit() {
+    a_readiness_failure_keeps_no_inner_capacity(
         TimeoutLayer::new(2 * HOUR).unwrap(),
         Fails::WithError,
     )
@@ -148,8 +148,8 @@ async fn timeout_readiness_error_keeps_the_inner_permit() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn circuit_breaker_readiness_error_keeps_the_inner_permit() {
-    a_readiness_failure_must_not_keep_inner_capacity(
+async fn circuit_breaker_readiness_error_releases_the_inner_permit() {
+    a_readiness_failure_keeps_no_inner_capacity(
         CircuitBreakerLayer::builder().build().unwrap(),
         Fails::WithError,
     )
@@ -157,17 +157,14 @@ async fn circuit_breaker_readiness_error_keeps_the_inner_permit() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn bulkhead_readiness_error_keeps_the_inner_permit() {
-    a_readiness_failure_must_not_keep_inner_capacity(
-        BulkheadLayer::new(10).unwrap(),
-        Fails::WithError,
-    )
-    .await;
+async fn bulkhead_readiness_error_releases_the_inner_permit() {
+    a_readiness_failure_keeps_no_inner_capacity(BulkheadLayer::new(10).unwrap(), Fails::WithError)
+        .await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn rate_limiter_readiness_error_keeps_the_inner_permit() {
-    a_readiness_failure_must_not_keep_inner_capacity(
+async fn rate_limiter_readiness_error_releases_the_inner_permit() {
+    a_readiness_failure_keeps_no_inner_capacity(
         RateLimitLayer::builder()
             .rate(1_000, Duration::from_secs(1))
             .build()
@@ -178,27 +175,26 @@ async fn rate_limiter_readiness_error_keeps_the_inner_permit() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn coalesce_pass_through_readiness_error_keeps_the_inner_permit() {
-    a_readiness_failure_must_not_keep_inner_capacity(pass_through_coalesce(), Fails::WithError)
-        .await;
+async fn coalesce_pass_through_readiness_error_releases_the_inner_permit() {
+    a_readiness_failure_keeps_no_inner_capacity(pass_through_coalesce(), Fails::WithError).await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn cache_pass_through_readiness_error_keeps_the_inner_permit() {
-    a_readiness_failure_must_not_keep_inner_capacity(pass_through_cache(), Fails::WithError).await;
+async fn cache_pass_through_readiness_error_releases_the_inner_permit() {
+    a_readiness_failure_keeps_no_inner_capacity(pass_through_cache(), Fails::WithError).await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn bulkhead_readiness_panic_keeps_the_inner_permit() {
+async fn bulkhead_readiness_panic_releases_the_inner_permit() {
     let layer = BulkheadLayer::new(10).unwrap();
     let h = layer.handle();
-    a_readiness_failure_must_not_keep_inner_capacity(layer, Fails::WithPanic).await;
+    a_readiness_failure_keeps_no_inner_capacity(layer, Fails::WithPanic).await;
     assert_eq!(h.available(), 10);
 }
 
 #[tokio::test(start_paused = true)]
-async fn circuit_breaker_readiness_panic_keeps_the_inner_permit() {
-    a_readiness_failure_must_not_keep_inner_capacity(
+async fn circuit_breaker_readiness_panic_releases_the_inner_permit() {
+    a_readiness_failure_keeps_no_inner_capacity(
         CircuitBreakerLayer::builder().build().unwrap(),
         Fails::WithPanic,
     )
@@ -419,9 +415,9 @@ async fn preset_accounts_for_a_readiness_error_in_every_layer() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn preset_readiness_error_keeps_the_inner_permit() {
+async fn preset_readiness_error_releases_the_inner_permit() {
     let dep = Dependency::builder("dep").build().unwrap();
-    a_readiness_failure_must_not_keep_inner_capacity(dep, Fails::WithError).await;
+    a_readiness_failure_keeps_no_inner_capacity(dep, Fails::WithError).await;
 }
 
 /// Ready once, then `Pending` (waking itself at once) on the first poll of each clone, then
@@ -730,7 +726,7 @@ where
 }
 
 #[tokio::test(start_paused = true)]
-async fn cache_miss_after_a_pass_through_readiness_error_hangs() {
+async fn cache_miss_after_a_pass_through_readiness_error_completes() {
     a_cloning_call_after_a_readiness_error(
         CacheLayer::builder()
             .key(|r: &u32| (*r != 1).then_some(*r))
@@ -742,7 +738,7 @@ async fn cache_miss_after_a_pass_through_readiness_error_hangs() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn coalesced_call_after_a_pass_through_readiness_error_hangs() {
+async fn coalesced_call_after_a_pass_through_readiness_error_completes() {
     a_cloning_call_after_a_readiness_error(
         CoalesceLayer::builder()
             .key(|r: &u32| (*r != 1).then_some(*r))
@@ -753,7 +749,7 @@ async fn coalesced_call_after_a_pass_through_readiness_error_hangs() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn rate_limited_wait_after_a_readiness_error_hangs() {
+async fn rate_limited_wait_after_a_readiness_error_completes() {
     a_cloning_call_after_a_readiness_error(
         RateLimitLayer::builder()
             .rate(1, Duration::from_secs(1))
