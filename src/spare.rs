@@ -27,10 +27,12 @@
 //!   a release loads a global count of closed states (written only when a state closes, so
 //!   it stays in every core's cache) and sweeps the cache only when it changed.
 //!
-//! So the state (and its event listeners and metric handles) is freed when its last owner or
-//! its last call in flight is dropped, except for a spare parked on another thread before
-//! that, which lasts until that thread next finishes a call through a layer of the same kind
-//! (or exits). Registries hold the [`Owner`] weakly, so they never count a spare reference
+//! So the state (and its event listeners and metric handles) is freed once its last owner and
+//! its last call in flight are dropped, except for a spare parked on another thread before
+//! that, which lasts until that thread next finishes or is refused a call through a layer of
+//! the same kind, live or dropped (or exits). A release reads the count of closed states
+//! before the state's own flag: a state closing between the two reads is swept at the next
+//! release, as its count has moved by then. Registries hold the [`Owner`] weakly, so they never count a spare reference
 //! as a live layer.
 //!
 //! # One implementation for every layer
@@ -222,14 +224,17 @@ pub(crate) fn acquire<T: Spare>(shared: &Arc<T>) -> Arc<T> {
 /// a state has closed since the last sweep.
 #[inline]
 pub(crate) fn release<T: Spare>(arc: Arc<T>) {
-    if arc.is_closed() {
-        return drop(arc);
-    }
+    // The count first, the flag second: a state whose count increment this load misses
+    // is swept at a later release (the count will have moved); one whose increment it sees
+    // shows its flag below (the flag is set before the count is released).
     let closed = CLOSED.0.load(Ordering::Acquire);
     // Out of the thread's storage (its destructor ran), the closure and `arc` are dropped.
     let _ = T::cache().try_with(|cache| {
         if closed != cache.swept.get() {
             return release_sweeping(cache, arc, closed);
+        }
+        if arc.is_closed() {
+            return drop(arc);
         }
         match cache.addr.iter().position(|a| a.get() == 0) {
             Some(i) => cache.put(i, arc),
@@ -238,12 +243,44 @@ pub(crate) fn release<T: Spare>(arc: Arc<T>) {
     });
 }
 
+/// For a call that took no reference (a rejection): drops this thread's spares of closed
+/// states when a state has closed since the last sweep, as a release does.
+#[cfg_attr(
+    not(any(feature = "bulkhead", feature = "circuit-breaker")),
+    allow(dead_code)
+)]
+#[cold]
+#[inline(never)]
+pub(crate) fn tidy<T: Spare>() {
+    let closed = CLOSED.0.load(Ordering::Acquire);
+    let _ = T::cache().try_with(|cache| {
+        if closed != cache.swept.get() {
+            drop(sweep(cache, closed));
+        }
+    });
+}
+
 /// [`release`] after a state has closed: drops this thread's spares of closed states,
-/// then parks `arc`. Drops run once the cache is consistent again (a drop of a last
-/// reference runs user code, which may call back in here).
+/// then parks `arc` unless its own state is closed. Drops run once the cache is consistent
+/// again (a drop of a last reference runs user code, which may call back in here).
 #[cold]
 #[inline(never)]
 fn release_sweeping<T: Spare>(cache: &Cache<T>, arc: Arc<T>, closed: usize) {
+    let dead = sweep(cache, closed);
+    if arc.is_closed() {
+        drop(arc);
+    } else {
+        match cache.addr.iter().position(|a| a.get() == 0) {
+            Some(i) => cache.put(i, arc),
+            None => drop(arc),
+        }
+    }
+    drop(dead);
+}
+
+/// Takes this thread's spares of closed states out of the cache, for the caller to drop once
+/// the cache is consistent, and records `closed` as swept.
+fn sweep<T: Spare>(cache: &Cache<T>, closed: usize) -> [Option<Arc<T>>; SLOTS] {
     let mut dead: [Option<Arc<T>>; SLOTS] = [const { None }; SLOTS];
     cache.swept.set(closed);
     for (i, d) in dead.iter_mut().enumerate() {
@@ -255,11 +292,7 @@ fn release_sweeping<T: Spare>(cache: &Cache<T>, arc: Arc<T>, closed: usize) {
             }
         }
     }
-    match cache.addr.iter().position(|a| a.get() == 0) {
-        Some(i) => cache.put(i, arc),
-        None => drop(arc),
-    }
-    drop(dead);
+    dead
 }
 
 /// The cache is full: replace a reference that nothing else holds (dropped once the cache

@@ -165,6 +165,8 @@ impl Shared {
     /// Counts a rejection, emits its event and builds its error.
     #[cold]
     pub(super) fn reject(&self) -> BreakwaterError {
+        // A rejected call takes no reference, so it sweeps spares of dropped bulkheads here.
+        crate::spare::tidy::<Shared>();
         self.metrics.rejected.increment(1);
         self.rejected.fetch_add(1, Ordering::Relaxed);
         self.events.emit(|| EventKind::Rejected {

@@ -167,7 +167,7 @@
 //! reference count. A spare does not keep a dropped bulkhead alive: once its last layer, service
 //! and handle is dropped, the state (its event listeners and metric handles) is freed when its last
 //! call in flight ends, except that a spare parked earlier on another thread lasts until that
-//! thread finishes a call through any bulkhead (or exits). Registries hold the layer's share weakly
+//! thread finishes or is refused a call through any bulkhead (or exits). Registries hold the layer's share weakly
 //! and drop it with the last layer, service and handle.
 
 mod future;

@@ -181,9 +181,9 @@
 //! thread drops its spares of dropped breakers at its next finished call (a call loads a
 //! process-wide count of dropped layers, written only when one is dropped, and sweeps its
 //! cache only when the count changed); registries ignore spares. So a breaker's state, and
-//! its event listeners, are freed as soon as its last owner or call in flight is dropped,
-//! except that a spare parked earlier on another thread, which has been idle since, lasts
-//! until that thread finishes a call through any breaker or exits.
+//! its event listeners, are freed as soon as its last owner and its last call in flight are
+//! dropped, except that a spare parked earlier on another thread, which has been idle since,
+//! lasts until that thread finishes or is refused a call through any breaker, or exits.
 //!
 //! A failure, or any outcome while the window is not clean, takes the breaker's mutex
 //! (`parking_lot`), never held across an `.await`, the classifier or an event listener

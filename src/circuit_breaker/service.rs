@@ -129,6 +129,8 @@ where
 #[cold]
 #[inline(never)]
 fn reject(shared: &Shared, retry_after: Option<std::time::Duration>) -> BoxError {
+    // A rejected call takes no reference, so it sweeps spares of dropped breakers here.
+    crate::spare::tidy::<Shared>();
     shared.rejected(retry_after);
     let mut err = BreakwaterError::new(
         ErrorKind::CircuitOpen,

@@ -79,8 +79,7 @@ pub(super) fn outcome_index(o: Outcome) -> usize {
 }
 
 /// State shared by a layer, its services and their futures. Layers, services and handles
-/// hold it through an [`Owner`]; calls through a [`Ref`](crate::spare::Ref) (see
-/// [`spare`](crate::spare)).
+/// hold it through an [`Owner`]; calls hold a spare reference (see [`spare`](crate::spare)).
 #[derive(Debug)]
 pub(super) struct Shared {
     pub(super) name: Arc<str>,
