@@ -9,7 +9,8 @@ mod support;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use support::{Count, DropGuard, TestRecorder};
+use support::{Count, TestRecorder};
+use support::{drop_counting_listener as listener, echo};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_breakwater::BoxError;
@@ -17,20 +18,6 @@ use tower_breakwater::bulkhead::BulkheadLayer;
 use tower_breakwater::timeout::TimeoutLayer;
 
 type Svc = BoxCloneSyncService<u32, u32, BoxError>;
-
-/// An inner service answering at once.
-fn echo() -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone + Send + Sync
-{
-    service_fn(|n: u32| async move { Ok::<_, BoxError>(n) })
-}
-
-/// A listener that counts its own drop into `freed` (dropped with the layer's state).
-fn listener(freed: &Count) -> impl Fn(&tower_breakwater::event::Event<'_>) + Send + Sync + 'static {
-    let guard = DropGuard(freed.clone());
-    move |_| {
-        let _ = &guard;
-    }
-}
 
 fn timeout(name: &str, freed: &Count) -> TimeoutLayer {
     TimeoutLayer::builder()

@@ -169,6 +169,26 @@ impl Drop for DropGuard {
     }
 }
 
+/// An event listener that counts its own drop into `freed` (it is dropped with the layer's
+/// state, so `freed` tells when that state was freed).
+pub fn drop_counting_listener(
+    freed: &Count,
+) -> impl Fn(&tower_breakwater::event::Event<'_>) + Send + Sync + 'static {
+    let guard = DropGuard(freed.clone());
+    move |_| {
+        let _ = &guard;
+    }
+}
+
+/// An inner service answering its request at once.
+pub fn echo()
+-> impl tower::Service<u32, Response = u32, Error = tower_breakwater::BoxError, Future: Send>
++ Clone
++ Send
++ Sync {
+    tower::service_fn(|n: u32| async move { Ok::<_, tower_breakwater::BoxError>(n) })
+}
+
 /// An HTTP body that yields each frame after its delay on tokio's clock, then optionally an
 /// error; counts its drops.
 #[cfg(feature = "http")]
