@@ -191,17 +191,12 @@ impl<T: Spare> Deref for Owner<T> {
 impl<T: Spare> Drop for Owner<T> {
     fn drop(&mut self) {
         self.0.close();
-        CLOSED.0.fetch_add(1, Ordering::Release);
+        // Acquire as well: every state whose count precedes this one shows its flag, so
+        // the sweep below (which takes this state's spares too) may record the new count.
+        let closed = CLOSED.0.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
         // Dropped once the cache is consistent (the last reference runs user code).
-        let mut dead: [Option<Arc<T>>; SLOTS] = [const { None }; SLOTS];
-        let me = addr(&self.0);
-        let _ = T::cache().try_with(|cache| {
-            for (i, d) in dead.iter_mut().enumerate() {
-                if cache.addr[i].get() == me {
-                    *d = cache.take(i);
-                }
-            }
-        });
+        let dead = T::cache().try_with(|cache| sweep(cache, closed));
+        drop(dead);
     }
 }
 

@@ -647,10 +647,4 @@ where
             e.retry_at = None;
         }
     }
-
-    /// Entries held now (locks each shard in turn; not for the hot path).
-    #[allow(dead_code)]
-    pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.read().entries.len()).sum()
-    }
 }
